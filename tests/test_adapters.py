@@ -39,6 +39,8 @@ class Case:
     attn_out_kind: str
     mlp_out_kind: str
     attn_in_kind: str = "norm"
+    # Gemma's RMSNorm computes in float32 even in a float64 model, so its folds round at ~1e-7.
+    fold_tolerance: float = 1e-9
 
 
 def llama_like(config_class: type, kv_heads: int, **extra) -> Callable[[], tf.PretrainedConfig]:
@@ -54,9 +56,9 @@ CASES = [
     Case("qwen3-mha", "qwen3", llama_like(tf.Qwen3Config, 4, head_dim=16), "linear", "linear"),
     Case("phi3-mha", "phi3", llama_like(tf.Phi3Config, 4), "linear_slice", "linear_slice"),
     Case("phi3-gqa", "phi3", llama_like(tf.Phi3Config, 2), "none", "linear_slice"),
-    Case("gemma-mha", "gemma", llama_like(tf.GemmaConfig, 4, head_dim=16), "linear", "linear"),
-    Case("gemma2-gqa", "gemma2", llama_like(tf.Gemma2Config, 2, head_dim=16), "none", "linear"),
-    Case("gemma3-mha", "gemma3", llama_like(tf.Gemma3TextConfig, 4, head_dim=16), "linear", "linear"),
+    Case("gemma-mha", "gemma", llama_like(tf.GemmaConfig, 4, head_dim=16), "linear", "linear", fold_tolerance=1e-6),
+    Case("gemma2-gqa", "gemma2", llama_like(tf.Gemma2Config, 2, head_dim=16), "none", "linear", fold_tolerance=1e-6),
+    Case("gemma3-mha", "gemma3", llama_like(tf.Gemma3TextConfig, 4, head_dim=16), "linear", "linear", fold_tolerance=1e-6),
     Case(
         "opt-relu",
         "opt",
@@ -220,7 +222,7 @@ def test_folding_scales_into_prev_keeps_the_model_function(case):
             folded.append(group.name)
     changed_weights = logits(model)
     assert folded
-    torch.testing.assert_close(changed_weights, reference, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(changed_weights, reference, rtol=0, atol=case.fold_tolerance)
 
 
 def _fold_changes_output(model: nn.Module, layer_group: LinearGroup, adapter) -> bool:

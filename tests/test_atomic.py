@@ -27,10 +27,12 @@ def test_refuses_a_non_empty_folder_without_overwrite(tmp_path):
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(QuantkitError) as err:
-        with atomic_output_dir(out, overwrite=False):
-            pytest.fail("the block must not run")
-    assert str(err.value) == f"output folder '{out}' exists; pass --overwrite to replace it"
+    with pytest.raises(QuantkitError) as err, atomic_output_dir(out, overwrite=False):
+        pytest.fail("the block must not run")
+    assert (
+        str(err.value)
+        == f"output folder '{out}' exists; pass --overwrite to replace it"
+    )
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "old"
     assert _leftovers(tmp_path) == []
@@ -42,7 +44,9 @@ def test_replaces_a_folder_with_overwrite(tmp_path):
     (out / "old.txt").write_text("old")
     with atomic_output_dir(out, overwrite=True) as staging:
         (staging / "new.txt").write_text("new")
-        assert (out / "old.txt").exists()  # the old folder stays until the new one is complete
+        assert (
+            out / "old.txt"
+        ).exists()  # the old folder stays until the new one is complete
     assert [p.name for p in out.iterdir()] == ["new.txt"]
     assert _leftovers(tmp_path) == []
 
@@ -59,9 +63,9 @@ def test_refuses_an_existing_file(tmp_path):
     out = tmp_path / "ckpt"
     out.write_text("not a folder")
     for overwrite in (False, True):
-        with pytest.raises(QuantkitError, match="output path '.*ckpt' is a file"):
-            with atomic_output_dir(out, overwrite=overwrite):
-                pytest.fail("the block must not run")
+        refused = pytest.raises(QuantkitError, match="output path '.*ckpt' is a file")
+        with refused, atomic_output_dir(out, overwrite=overwrite):
+            pytest.fail("the block must not run")
     assert out.read_text() == "not a folder"
 
 
@@ -71,10 +75,10 @@ def test_an_exception_leaves_the_destination_untouched(tmp_path, existing):
     if existing:
         out.mkdir()
         (out / "keep.txt").write_text("old")
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_output_dir(out, overwrite=True) as staging:
-            (staging / "half-written.bin").write_text("partial")
-            raise RuntimeError("boom")
+    failing = pytest.raises(RuntimeError, match="boom")
+    with failing, atomic_output_dir(out, overwrite=True) as staging:
+        (staging / "half-written.bin").write_text("partial")
+        raise RuntimeError("boom")
     if existing:
         assert [p.name for p in out.iterdir()] == ["keep.txt"]
     else:
@@ -84,8 +88,7 @@ def test_an_exception_leaves_the_destination_untouched(tmp_path, existing):
 
 def test_keyboard_interrupt_also_cleans_up(tmp_path):
     out = tmp_path / "ckpt"
-    with pytest.raises(KeyboardInterrupt):
-        with atomic_output_dir(out, overwrite=False) as staging:
-            (staging / "x").write_text("x")
-            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), atomic_output_dir(out) as staging:
+        (staging / "x").write_text("x")
+        raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []

@@ -1,5 +1,6 @@
 """GPTQ checkpoints: the written tensors decoded by an independent reader, config fields, load-back."""
 
+import copy
 import importlib.util
 import json
 import re
@@ -49,8 +50,14 @@ def _quantize(model: nn.Module, scheme: QuantScheme):
 
 def _reference_model(model: nn.Module, quantized) -> nn.Module:
     """The float model as the checkpoint represents it: fp16-rounded tensors, dequantized linears."""
-    reference = type(model)(model.config).eval()
-    reference.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})
+    reference = copy.deepcopy(model).eval()
+    if "lm_head" in quantized:  # a quantized head no longer shares the embeddings
+        reference.lm_head.weight = nn.Parameter(
+            reference.lm_head.weight.detach().clone()
+        )
+    with torch.no_grad():
+        for param in reference.parameters():
+            param.copy_(param.half().float())
     for name, qw in quantized.items():
         set_weight_out_in(reference.get_submodule(name), qw.dequantize())
     return reference
@@ -65,7 +72,11 @@ def _unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
         return torch.stack(parts, dim=1).reshape(-1, words.shape[1])
     rows = []
     for block in range(words.shape[0] // 3):
-        w0, w1, w2 = unsigned[3 * block], unsigned[3 * block + 1], unsigned[3 * block + 2]
+        w0, w1, w2 = (
+            unsigned[3 * block],
+            unsigned[3 * block + 1],
+            unsigned[3 * block + 2],
+        )
         rows += [(w0 >> (3 * j)) & 7 for j in range(10)]
         rows.append(((w0 >> 30) & 3) | ((w1 & 1) << 2))
         rows += [(w1 >> (3 * j + 1)) & 7 for j in range(10)]
@@ -78,7 +89,9 @@ def _decode_layer(tensors: dict, name: str, bits: int) -> torch.Tensor:
     q = _unpack_words(tensors[f"{name}.qweight"], bits)  # (in, out)
     zeros = _unpack_words(tensors[f"{name}.qzeros"].t(), bits).t() + 1  # (groups, out)
     g_idx = tensors[f"{name}.g_idx"].long()
-    weight_in_out = tensors[f"{name}.scales"].float()[g_idx] * (q - zeros[g_idx]).float()
+    weight_in_out = (
+        tensors[f"{name}.scales"].float()[g_idx] * (q - zeros[g_idx]).float()
+    )
     return weight_in_out.t()
 
 
@@ -95,7 +108,14 @@ CASES = [
 def test_written_checkpoint_decodes_and_loads_back(tmp_path, scheme):
     model = _tiny_llama()
     quantized = _quantize(model, scheme)
-    out = save_gptq(model, _tiny_tokenizer(), quantized, scheme, tmp_path / "ckpt", algorithm_config={"method": "rtn"})
+    out = save_gptq(
+        model,
+        _tiny_tokenizer(),
+        quantized,
+        scheme,
+        tmp_path / "ckpt",
+        algorithm_config={"method": "rtn"},
+    )
 
     tensors = load_file(out / "model.safetensors")
     assert len(quantized) == 2 * len(BLOCK_LINEARS)
@@ -122,7 +142,9 @@ def test_written_checkpoint_decodes_and_loads_back(tmp_path, scheme):
     assert qcfg["modules_in_block_to_quantize"] == [BLOCK_LINEARS]
     assert "dynamic" not in qcfg
     assert json.loads((out / "quantize_config.json").read_text()) == qcfg
-    assert (out / "generation_config.json").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "generation_config.json").is_file() and (
+        out / "tokenizer.json"
+    ).is_file()
 
     loaded = load_gptq_model(out)
     for name in quantized:
@@ -147,7 +169,12 @@ def test_tied_embeddings_are_stored_once_and_tied_on_load(tmp_path):
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     ids = torch.arange(10).reshape(1, 10)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, _reference_model(model, quantized)(ids).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            loaded(ids).logits,
+            _reference_model(model, quantized)(ids).logits,
+            rtol=0,
+            atol=1e-4,
+        )
 
 
 def test_quantized_lm_head_is_flagged_and_untied(tmp_path):
@@ -164,17 +191,25 @@ def test_quantized_lm_head_is_flagged_and_untied(tmp_path):
     ids = torch.arange(8).reshape(1, 8)
     reference = _reference_model(model, quantized)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(
+            loaded(ids).logits, reference(ids).logits, rtol=0, atol=1e-4
+        )
 
 
 def test_layers_left_out_of_some_blocks_get_dynamic_rules(tmp_path):
     model = _tiny_llama(seed=3)
-    scheme = QuantScheme(bits=4, group_size=32, ignore=("lm_head", "re:model\\.layers\\.0\\.mlp\\.down_proj"))
+    scheme = QuantScheme(
+        bits=4,
+        group_size=32,
+        ignore=("lm_head", "re:model\\.layers\\.0\\.mlp\\.down_proj"),
+    )
     quantized = _quantize(model, scheme)
     out = save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["modules_in_block_to_quantize"] == [BLOCK_LINEARS]
-    assert qcfg["dynamic"] == {"-:" + re.escape("model.layers.0.mlp.down_proj") + "$": {}}
+    assert qcfg["dynamic"] == {
+        "-:" + re.escape("model.layers.0.mlp.down_proj") + "$": {}
+    }
     for pattern in qcfg["dynamic"]:
         assert re.match(pattern[2:], "model.layers.0.mlp.down_proj")
         assert not re.match(pattern[2:], "model.layers.1.mlp.down_proj")
@@ -190,16 +225,28 @@ def test_sharded_checkpoints_are_read(tmp_path):
     out = save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
     tensors = load_file(out / "model.safetensors")
     names = sorted(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    halves = {
+        "model-00001-of-00002.safetensors": names[::2],
+        "model-00002-of-00002.safetensors": names[1::2],
+    }
     for filename, keys in halves.items():
-        save_file({k: tensors[k] for k in keys}, str(out / filename), metadata={"format": "pt"})
+        save_file(
+            {k: tensors[k] for k in keys},
+            str(out / filename),
+            metadata={"format": "pt"},
+        )
     weight_map = {k: filename for filename, keys in halves.items() for k in keys}
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     (out / "model.safetensors").unlink()
     ids = torch.arange(16).reshape(2, 8)
     with torch.no_grad():
         torch.testing.assert_close(
-            load_gptq_model(out)(ids).logits, _reference_model(model, quantized)(ids).logits, rtol=0, atol=1e-4
+            load_gptq_model(out)(ids).logits,
+            _reference_model(model, quantized)(ids).logits,
+            rtol=0,
+            atol=1e-4,
         )
 
 
@@ -241,10 +288,16 @@ def test_act_order_g_idx_sets_desc_act(tmp_path):
     permutation = torch.randperm(128, generator=torch.Generator().manual_seed(0))
     quantized[name].g_idx = quantized[name].g_idx[permutation]
     out = save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
-    assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is True
+    assert (
+        json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"]
+        is True
+    )
     tensors = load_file(out / "model.safetensors")
     assert torch.equal(_decode_layer(tensors, name, 4), quantized[name].dequantize())
-    assert torch.equal(load_gptq_model(out).get_submodule(name).dequantize_weight(), quantized[name].dequantize())
+    assert torch.equal(
+        load_gptq_model(out).get_submodule(name).dequantize_weight(),
+        quantized[name].dequantize(),
+    )
 
 
 def _write_config(folder, quantization_config):
@@ -257,11 +310,20 @@ def _write_config(folder, quantization_config):
 
 
 def test_load_quantized_model_reports_unsupported_checkpoints(tmp_path):
-    with pytest.raises(QuantkitError, match="quantization method 'awq' .* not supported yet"):
-        load_quantized_model(_write_config(tmp_path / "awq", {"quant_method": "awq", "bits": 4}))
+    with pytest.raises(
+        QuantkitError, match="quantization method 'awq' .* not supported yet"
+    ):
+        load_quantized_model(
+            _write_config(tmp_path / "awq", {"quant_method": "awq", "bits": 4})
+        )
     with pytest.raises(QuantkitError, match="holds no quantized model"):
         load_quantized_model(_write_config(tmp_path / "float", None))
-    v2 = {"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "gptq_v2"}
+    v2 = {
+        "quant_method": "gptq",
+        "bits": 4,
+        "group_size": 128,
+        "checkpoint_format": "gptq_v2",
+    }
     with pytest.raises(QuantkitError, match="checkpoint_format 'gptq_v2'"):
         load_quantized_model(_write_config(tmp_path / "v2", v2))
     with pytest.raises(QuantkitError, match="does not exist"):
@@ -272,7 +334,8 @@ def test_load_quantized_model_reports_unsupported_checkpoints(tmp_path):
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("gptqmodel") is None or importlib.util.find_spec("optimum") is None,
+    importlib.util.find_spec("gptqmodel") is None
+    or importlib.util.find_spec("optimum") is None,
     reason="transformers' own GPTQ loader needs the optional gptqmodel and optimum packages",
 )
 def test_transformers_loads_the_checkpoint(tmp_path):
@@ -282,9 +345,14 @@ def test_transformers_loads_the_checkpoint(tmp_path):
     scheme = QuantScheme(bits=4, group_size=32)
     quantized = _quantize(model, scheme)
     out = save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
-    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16, device_map="cpu")
+    loaded = AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float16, device_map="cpu"
+    )
     ids = torch.arange(8).reshape(1, 8)
     with torch.no_grad():
         torch.testing.assert_close(
-            loaded(ids).logits.float(), _reference_model(model, quantized)(ids).logits, rtol=0.05, atol=0.05
+            loaded(ids).logits.float(),
+            _reference_model(model, quantized)(ids).logits,
+            rtol=0.05,
+            atol=0.05,
         )

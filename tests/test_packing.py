@@ -17,9 +17,13 @@ def test_four_bit_codes_zero_to_seven_make_0x76543210():
 
 def test_top_nibble_makes_negative_words():
     assert pack_rows(torch.full((8, 1), 15), 4).tolist() == [[-1]]
-    assert pack_rows(torch.tensor([[0], [0], [0], [0], [0], [0], [0], [8]]), 4).tolist() == [[-(2**31)]]
+    assert pack_rows(
+        torch.tensor([[0], [0], [0], [0], [0], [0], [0], [8]]), 4
+    ).tolist() == [[-(2**31)]]
     # 8-bit: bytes 0x01 0x02 0x03 0xFF -> 0xFF030201 as a signed int32
-    assert pack_rows(torch.tensor([[1], [2], [3], [255]]), 8).tolist() == [[0xFF030201 - 2**32]]
+    assert pack_rows(torch.tensor([[1], [2], [3], [255]]), 8).tolist() == [
+        [0xFF030201 - 2**32]
+    ]
 
 
 def test_two_bit_example():
@@ -32,7 +36,11 @@ def test_three_bit_gptq_words():
     # 32 codes j % 8 fill three words; codes 10 and 21 straddle word boundaries
     # (values computed with AutoGPTQ's 10|1|10|1|10 packing loop).
     codes = (torch.arange(32) % 8).reshape(32, 1)
-    assert pack_rows(codes, 3).flatten().tolist() == [0x88FAC688 - 2**32, 0xC688FAC6 - 2**32, 0xFAC688FA - 2**32]
+    assert pack_rows(codes, 3).flatten().tolist() == [
+        0x88FAC688 - 2**32,
+        0xC688FAC6 - 2**32,
+        0xFAC688FA - 2**32,
+    ]
     assert pack_rows(torch.full((32, 1), 7), 3).flatten().tolist() == [-1, -1, -1]
 
 
@@ -65,7 +73,9 @@ def test_three_bit_matches_autogptq_loop_on_random_codes():
     packed = pack_rows(codes, 3).to(torch.int64) & 0xFFFFFFFF
     for col in range(codes.shape[1]):
         for block in range(2):
-            expected = _autogptq_three_bit_column(codes[32 * block : 32 * block + 32, col].tolist())
+            expected = _autogptq_three_bit_column(
+                codes[32 * block : 32 * block + 32, col].tolist()
+            )
             assert packed[3 * block : 3 * block + 3, col].tolist() == expected
 
 
@@ -79,7 +89,9 @@ def test_three_bit_matches_autogptq_loop_on_random_codes():
 def test_round_trip_rows_and_cols(bits, blocks, cols, seed):
     generator = torch.Generator().manual_seed(seed)
     rows = blocks * 32
-    codes = torch.randint(0, 2**bits, (rows, cols), generator=generator, dtype=torch.int32)
+    codes = torch.randint(
+        0, 2**bits, (rows, cols), generator=generator, dtype=torch.int32
+    )
     packed = pack_rows(codes, bits)
     assert packed.shape == (rows * bits // 32, cols)
     assert torch.equal(unpack_rows(packed, bits), codes)

@@ -4,11 +4,19 @@ import pytest
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.quant.qdq import compute_qparams, dequantize, fake_quantize, max_code, quantize
+from quantkit.quant.qdq import (
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    max_code,
+    quantize,
+)
 from quantkit.quant.scheme import QuantScheme
 
 
-def _reference_group(values: torch.Tensor, bits: int, symmetric: bool) -> tuple[float, int]:
+def _reference_group(
+    values: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[float, int]:
     """One group's scale and zero, as the GPTQ reference code computes them (except that a
     symmetric group with no negative weight still spans [-xmax, xmax])."""
     maxq = 2**bits - 1
@@ -31,7 +39,9 @@ def test_asymmetric_hand_example():
     assert zeros.tolist() == [[5]]
     codes = quantize(w, scales, zeros, 4, -1)
     assert codes.tolist() == [[0, 5, 8, 15]]
-    assert dequantize(codes, scales, zeros, -1).tolist()[0] == pytest.approx([-1.0, 0.0, 0.6, 2.0], abs=1e-6)
+    assert dequantize(codes, scales, zeros, -1).tolist()[0] == pytest.approx(
+        [-1.0, 0.0, 0.6, 2.0], abs=1e-6
+    )
 
 
 def test_symmetric_hand_example():
@@ -58,17 +68,28 @@ def test_matches_per_group_reference(bits, symmetric, group_size):
     size = 64 if group_size == -1 else group_size
     for row in range(w.shape[0]):
         for g in range(64 // size):
-            scale, zero = _reference_group(w[row, g * size : (g + 1) * size], bits, symmetric)
+            scale, zero = _reference_group(
+                w[row, g * size : (g + 1) * size], bits, symmetric
+            )
             assert scales[row, g].item() == pytest.approx(scale, rel=1e-6)
             assert zeros[row, g].item() == zero
     codes = quantize(w, scales, zeros, bits, group_size)
-    assert codes.dtype == torch.int32 and scales.dtype == torch.float32 and zeros.dtype == torch.int32
+    assert (
+        codes.dtype == torch.int32
+        and scales.dtype == torch.float32
+        and zeros.dtype == torch.int32
+    )
     assert int(codes.min()) >= 0 and int(codes.max()) <= max_code(bits)
     expanded_scales = scales.repeat_interleave(size, dim=1)
     expanded_zeros = zeros.repeat_interleave(size, dim=1)
-    expected = torch.clamp(torch.round(w / expanded_scales) + expanded_zeros, 0, max_code(bits))
+    expected = torch.clamp(
+        torch.round(w / expanded_scales) + expanded_zeros, 0, max_code(bits)
+    )
     assert torch.equal(codes, expected.to(torch.int32))
-    assert torch.equal(dequantize(codes, scales, zeros, group_size), expanded_scales * (codes - expanded_zeros))
+    assert torch.equal(
+        dequantize(codes, scales, zeros, group_size),
+        expanded_scales * (codes - expanded_zeros),
+    )
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -86,13 +107,19 @@ def test_tiny_weights_give_no_nan_or_inf():
     for fp16 in (False, True):
         scales, zeros = compute_qparams(w, 4, -1, False, min_zero=1, fp16_scales=fp16)
         out = dequantize(quantize(w, scales, zeros, 4, -1), scales, zeros, -1)
-        assert torch.isfinite(scales).all() and (scales > 0).all() and torch.isfinite(out).all()
+        assert (
+            torch.isfinite(scales).all()
+            and (scales > 0).all()
+            and torch.isfinite(out).all()
+        )
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_min_zero_keeps_zeros_storable_and_range_covered(bits):
     generator = torch.Generator().manual_seed(bits)
-    w = torch.rand(16, 128, generator=generator) + 0.01  # all positive: the free zero point is 0
+    w = (
+        torch.rand(16, 128, generator=generator) + 0.01
+    )  # all positive: the free zero point is 0
     free_scales, free_zeros = compute_qparams(w, bits, 32, False)
     assert (free_zeros == 0).all()
     scales, zeros = compute_qparams(w, bits, 32, False, min_zero=1)
@@ -109,8 +136,14 @@ def test_min_zero_keeps_zeros_storable_and_range_covered(bits):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_min_zero_error_close_to_unconstrained_on_realistic_weights(bits):
     generator = torch.Generator().manual_seed(10 + bits)
-    w = torch.randn(64, 256, generator=generator) * 0.02 + 0.004  # slightly off-centre like real rows
-    free = dequantize(quantize(w, *compute_qparams(w, bits, 32, False), bits, 32), *compute_qparams(w, bits, 32, False), 32)
+    w = (
+        torch.randn(64, 256, generator=generator) * 0.02 + 0.004
+    )  # slightly off-centre like real rows
+    free = dequantize(
+        quantize(w, *compute_qparams(w, bits, 32, False), bits, 32),
+        *compute_qparams(w, bits, 32, False),
+        32,
+    )
     scales, zeros = compute_qparams(w, bits, 32, False, min_zero=1)
     assert (zeros >= 1).all()
     constrained = dequantize(quantize(w, scales, zeros, bits, 32), scales, zeros, 32)
@@ -136,7 +169,9 @@ def test_fake_quantize_keeps_dtype_and_matches_the_pieces(dtype):
     out = fake_quantize(w, scheme)
     assert out.dtype == dtype and out.shape == w.shape
     scales, zeros = compute_qparams(w, 4, 32, False, min_zero=1, fp16_scales=True)
-    expected = dequantize(quantize(w, scales, zeros, 4, 32), scales, zeros, 32).to(dtype)
+    expected = dequantize(quantize(w, scales, zeros, 4, 32), scales, zeros, 32).to(
+        dtype
+    )
     assert torch.equal(out, expected)
     assert (out.float() - w.float()).abs().max() <= scales.max() * 0.5 + 1e-2
 
@@ -149,7 +184,9 @@ def test_eight_bit_error_is_small():
 
 
 def test_group_size_must_divide():
-    with pytest.raises(QuantkitError, match="group size 48 does not divide the input size 64"):
+    with pytest.raises(
+        QuantkitError, match="group size 48 does not divide the input size 64"
+    ):
         compute_qparams(torch.zeros(2, 64), 4, 48, True)
 
 

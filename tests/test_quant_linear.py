@@ -26,7 +26,9 @@ def _layer_inputs(seed):
 @pytest.mark.parametrize("group_size", [32, 64, 128, -1])
 def test_forward_matches_fake_quantized_linear(bits, symmetric, group_size):
     weight, bias, x = _layer_inputs(seed=bits * 10 + group_size)
-    qw = rtn_quantize(weight, QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric))
+    qw = rtn_quantize(
+        weight, QuantScheme(bits=bits, group_size=group_size, symmetric=symmetric)
+    )
     layer = QuantLinear.from_quantized(qw, bias)
     assert torch.equal(layer.dequantize_weight(), qw.dequantize())
     expected = F.linear(x, qw.dequantize(), bias.half().float())
@@ -36,16 +38,26 @@ def test_forward_matches_fake_quantized_linear(bits, symmetric, group_size):
 @pytest.mark.parametrize(("bits", "group_size"), [(4, 128), (3, 32), (8, -1), (2, 64)])
 def test_buffers_follow_the_gptq_layout(bits, group_size):
     weight, bias, _ = _layer_inputs(seed=1)
-    qw = rtn_quantize(weight, QuantScheme(bits=bits, group_size=group_size, symmetric=False))
+    qw = rtn_quantize(
+        weight, QuantScheme(bits=bits, group_size=group_size, symmetric=False)
+    )
     layer = QuantLinear.from_quantized(qw, bias)
     n_groups = 1 if group_size == -1 else IN // group_size
-    assert layer.qweight.shape == (IN * bits // 32, OUT) and layer.qweight.dtype == torch.int32
-    assert layer.qzeros.shape == (n_groups, OUT * bits // 32) and layer.qzeros.dtype == torch.int32
+    assert (
+        layer.qweight.shape == (IN * bits // 32, OUT)
+        and layer.qweight.dtype == torch.int32
+    )
+    assert (
+        layer.qzeros.shape == (n_groups, OUT * bits // 32)
+        and layer.qzeros.dtype == torch.int32
+    )
     assert layer.scales.shape == (n_groups, OUT) and layer.scales.dtype == torch.float16
     assert layer.g_idx.shape == (IN,) and layer.g_idx.dtype == torch.int32
     assert layer.bias.dtype == torch.float16
     assert torch.equal(unpack_rows(layer.qweight, bits), qw.codes.t())
-    assert torch.equal(unpack_cols(layer.qzeros, bits), qw.zeros.t() - 1)  # v1 stores zero - 1
+    assert torch.equal(
+        unpack_cols(layer.qzeros, bits), qw.zeros.t() - 1
+    )  # v1 stores zero - 1
     assert torch.equal(layer.scales.float(), qw.scales.t())
     assert set(layer.state_dict()) == {"qweight", "qzeros", "scales", "g_idx", "bias"}
 
@@ -58,7 +70,9 @@ def test_no_bias_and_half_precision_inputs():
     for dtype in (torch.bfloat16, torch.float16):
         out = layer(x.to(dtype))
         assert out.dtype == dtype
-        torch.testing.assert_close(out.float(), F.linear(x, qw.dequantize()), rtol=0.02, atol=0.02)
+        torch.testing.assert_close(
+            out.float(), F.linear(x, qw.dequantize()), rtol=0.02, atol=0.02
+        )
 
 
 def test_cached_weight_refreshes_after_loading_new_buffers():
@@ -69,11 +83,16 @@ def test_cached_weight_refreshes_after_loading_new_buffers():
     assert torch.equal(layer(x), first)
     other = rtn_quantize(weight * -2, scheme)
     layer.load_state_dict(QuantLinear.from_quantized(other, bias).state_dict())
-    torch.testing.assert_close(layer(x), F.linear(x, other.dequantize(), bias.half().float()), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        layer(x),
+        F.linear(x, other.dequantize(), bias.half().float()),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_permuted_g_idx_is_honoured():
-    weight, _, x = _layer_inputs(seed=4)
+    weight, _, _ = _layer_inputs(seed=4)
     qw = rtn_quantize(weight, QuantScheme(bits=4, group_size=64))
     permutation = torch.randperm(IN, generator=torch.Generator().manual_seed(0))
     shuffled = QuantizedWeight(
@@ -93,13 +112,17 @@ def test_weight_out_in_of_a_quant_linear_is_its_dequantized_weight():
 
 def test_zero_point_zero_is_refused():
     weight, _, _ = _layer_inputs(seed=6)
-    qw = rtn_quantize(weight.abs(), QuantScheme(bits=4, group_size=32, symmetric=False), min_zero=0)
+    qw = rtn_quantize(
+        weight.abs(), QuantScheme(bits=4, group_size=32, symmetric=False), min_zero=0
+    )
     with pytest.raises(ValueError, match="min_zero=1"):
         QuantLinear.from_quantized(qw)
 
 
 def test_sizes_that_do_not_fill_words_are_refused():
-    with pytest.raises(ValueError, match="output size must be a multiple of 32; got 48"):
+    with pytest.raises(
+        ValueError, match="output size must be a multiple of 32; got 48"
+    ):
         QuantLinear(64, 48, bits=3, group_size=32, bias=False)
     with pytest.raises(ValueError, match="input size must be a multiple of 8; got 20"):
         QuantLinear(20, 64, bits=4, group_size=-1, bias=False)

@@ -8,7 +8,12 @@ from transformers.pytorch_utils import Conv1D
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.qdq import compute_qparams, dequantize, fake_quantize, quantize
-from quantkit.quant.rtn import QuantizedWeight, default_g_idx, rtn_quantize, rtn_quantize_modules
+from quantkit.quant.rtn import (
+    QuantizedWeight,
+    default_g_idx,
+    rtn_quantize,
+    rtn_quantize_modules,
+)
 from quantkit.quant.scheme import QuantScheme
 from quantkit.quant.weights import set_weight_out_in, weight_out_in
 
@@ -32,7 +37,9 @@ def test_rtn_record_shapes_and_values(group_size, symmetric):
     assert (qw.bits, qw.group_size, qw.symmetric) == (4, group_size, symmetric)
     assert int(qw.zeros.min()) >= 1
     assert torch.equal(qw.dequantize(), fake_quantize(w, scheme))
-    assert torch.equal(qw.dequantize(), dequantize(qw.codes, qw.scales, qw.zeros, group_size))
+    assert torch.equal(
+        qw.dequantize(), dequantize(qw.codes, qw.scales, qw.zeros, group_size)
+    )
 
 
 def test_default_g_idx():
@@ -43,7 +50,9 @@ def test_default_g_idx():
 
 def test_rtn_without_min_zero_or_fp16_matches_the_raw_math():
     w = _weight(seed=1).abs()  # all positive: the free asymmetric zero point is 0
-    qw = rtn_quantize(w, QuantScheme(group_size=32, symmetric=False), min_zero=0, fp16_scales=False)
+    qw = rtn_quantize(
+        w, QuantScheme(group_size=32, symmetric=False), min_zero=0, fp16_scales=False
+    )
     scales, zeros = compute_qparams(w, 4, 32, False)
     assert torch.equal(qw.scales, scales) and torch.equal(qw.zeros, zeros)
     assert torch.equal(qw.codes, quantize(w, scales, zeros, 4, 32))
@@ -70,8 +79,14 @@ def test_rtn_relative_error_shrinks_with_bits(bits, bound):
 
 
 def test_rtn_reports_the_layer_whose_group_size_does_not_divide():
-    with pytest.raises(QuantkitError, match="input size 100 of layer 'model.layers.0.mlp.down_proj'"):
-        rtn_quantize(torch.zeros(8, 100), QuantScheme(group_size=64), module_name="model.layers.0.mlp.down_proj")
+    with pytest.raises(
+        QuantkitError, match="input size 100 of layer 'model.layers.0.mlp.down_proj'"
+    ):
+        rtn_quantize(
+            torch.zeros(8, 100),
+            QuantScheme(group_size=64),
+            module_name="model.layers.0.mlp.down_proj",
+        )
 
 
 def test_weight_accessors_handle_linear_and_conv1d():
@@ -90,7 +105,9 @@ def test_weight_accessors_handle_linear_and_conv1d():
 
 
 def test_weight_accessors_reject_other_layers():
-    with pytest.raises(QuantkitError, match="cannot handle the weight of a Embedding layer"):
+    with pytest.raises(
+        QuantkitError, match="cannot handle the weight of a Embedding layer"
+    ):
         weight_out_in(nn.Embedding(4, 4))
     with pytest.raises(QuantkitError, match="Embedding"):
         set_weight_out_in(nn.Embedding(4, 4), torch.zeros(4, 4))
@@ -126,4 +143,7 @@ def test_rtn_quantize_modules_skips_ignored_layers():
     assert len(quantized) == 7 + 4
     down = quantized["model.layers.0.mlp.down_proj"]
     assert down.codes.shape == (64, 256)
-    assert torch.equal(down.dequantize(), fake_quantize(model.model.layers[0].mlp.down_proj.weight.detach(), scheme))
+    assert torch.equal(
+        down.dequantize(),
+        fake_quantize(model.model.layers[0].mlp.down_proj.weight.detach(), scheme),
+    )

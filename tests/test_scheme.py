@@ -10,15 +10,26 @@ from quantkit.quant.scheme import QuantScheme, check_group_size, parse_scheme
 
 @pytest.mark.parametrize(
     ("text", "bits"),
-    [("w4a16", 4), ("W8A16", 8), ("w3a16", 3), ("w2a16", 2), (" int4 ", 4), ("INT8", 8)],
+    [
+        ("w4a16", 4),
+        ("W8A16", 8),
+        ("w3a16", 3),
+        ("w2a16", 2),
+        (" int4 ", 4),
+        ("INT8", 8),
+    ],
 )
 def test_parse_scheme_names_and_aliases(text, bits):
     scheme = parse_scheme(text)
-    assert scheme == QuantScheme(bits=bits, group_size=128, symmetric=True, ignore=("lm_head",))
+    assert scheme == QuantScheme(
+        bits=bits, group_size=128, symmetric=True, ignore=("lm_head",)
+    )
 
 
 def test_parse_scheme_overrides():
-    scheme = parse_scheme("w4a16", group_size=-1, symmetric=False, ignore=["lm_head", "re:.*gate"])
+    scheme = parse_scheme(
+        "w4a16", group_size=-1, symmetric=False, ignore=["lm_head", "re:.*gate"]
+    )
     assert (scheme.bits, scheme.group_size, scheme.symmetric) == (4, -1, False)
     assert scheme.ignore == ("lm_head", "re:.*gate")
 
@@ -27,7 +38,10 @@ def test_parse_scheme_overrides():
 def test_parse_scheme_rejects_unknown_names(text):
     with pytest.raises(QuantkitError) as err:
         parse_scheme(text)
-    assert str(err.value) == f"unknown scheme '{text}': expected one of w8a16, w4a16, w3a16, w2a16"
+    assert (
+        str(err.value)
+        == f"unknown scheme '{text}': expected one of w8a16, w4a16, w3a16, w2a16"
+    )
 
 
 @pytest.mark.parametrize("bits", [1, 5, 16, 0, True])
@@ -50,7 +64,9 @@ def test_parse_scheme_validates_overrides():
 
 
 def test_is_ignored_exact_suffix_and_regex():
-    scheme = QuantScheme(ignore=("lm_head", "re:model\\.layers\\.0\\.", "mlp.down_proj"))
+    scheme = QuantScheme(
+        ignore=("lm_head", "re:model\\.layers\\.0\\.", "mlp.down_proj")
+    )
     assert scheme.is_ignored("lm_head")
     assert scheme.is_ignored("model.lm_head")
     assert not scheme.is_ignored("model.lm_head_extra")
@@ -68,7 +84,9 @@ def test_regex_is_matched_from_the_start_of_the_name():
 
 
 def test_bad_regex_is_reported():
-    with pytest.raises(QuantkitError, match=r"ignore pattern 're:\(' is not a valid regular expression"):
+    with pytest.raises(
+        QuantkitError, match=r"ignore pattern 're:\(' is not a valid regular expression"
+    ):
         QuantScheme(ignore=("re:(",))
 
 
@@ -80,7 +98,9 @@ def test_ignore_accepts_a_single_string_and_lists():
 
 def test_scheme_name():
     assert QuantScheme().name == "w4a16-g128-sym"
-    assert QuantScheme(bits=8, group_size=-1, symmetric=False).name == "w8a16-channel-asym"
+    assert (
+        QuantScheme(bits=8, group_size=-1, symmetric=False).name == "w8a16-channel-asym"
+    )
     assert parse_scheme("w2a16", group_size=32).name == "w2a16-g32-sym"
 
 
@@ -100,6 +120,8 @@ def test_check_group_size_message():
     )
 
 
-@pytest.mark.parametrize(("in_features", "group_size"), [(256, 128), (200, -1), (96, 32), (100, 25)])
+@pytest.mark.parametrize(
+    ("in_features", "group_size"), [(256, 128), (200, -1), (96, 32), (100, 25)]
+)
 def test_check_group_size_accepts_divisors(in_features, group_size):
     check_group_size(in_features, group_size, "layer")

@@ -85,10 +85,13 @@ def _model_device(model) -> torch.device:
 
 
 def _window_nlls(model, windows: torch.Tensor, batch_size: int, device, progress: bool) -> torch.Tensor:
+    from rich.console import Console
     from rich.progress import Progress
 
+    console = Console()
     nlls = []
-    with Progress(transient=True, disable=not progress) as bar:
+    with Progress(console=console, transient=True,
+                  disable=not progress or not console.is_terminal) as bar:
         task = bar.add_task("perplexity", total=len(windows))
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size].to(device)
@@ -101,12 +104,10 @@ def _window_nlls(model, windows: torch.Tensor, batch_size: int, device, progress
 
 def mean_next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean float32 NLL of ids[1:] under logits[:-1] for one window ((seq, vocab), (seq,))."""
+    predicting, targets = logits[:-1], ids[1:]
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    targets = ids[1:]
     for start in range(0, len(targets), _LOGIT_CHUNK_TOKENS):
-        chunk = logits[start : start + _LOGIT_CHUNK_TOKENS].float()
-        chunk = chunk[: len(targets) - start]
-        log_probs = torch.log_softmax(chunk, dim=-1)
-        picked = log_probs.gather(-1, targets[start : start + len(chunk)].unsqueeze(-1))
-        total -= picked.sum()
+        stop = start + _LOGIT_CHUNK_TOKENS
+        log_probs = torch.log_softmax(predicting[start:stop].float(), dim=-1)
+        total -= log_probs.gather(-1, targets[start:stop].unsqueeze(-1)).sum()
     return total / len(targets)

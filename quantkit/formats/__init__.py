@@ -10,7 +10,12 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.checkpoint_files import read_quantization_config
 
 
-def load_quantized_model(path: Path | str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_quantized_model(
+    path: Path | str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
     """Load a quantized checkpoint folder by its config.json ``quantization_config.quant_method``."""
     method = str(read_quantization_config(path).get("quant_method", "")).lower()
     if method == "gptq":

@@ -25,7 +25,7 @@ _FOLDER_MODE = 0o755  # mkdtemp creates 0700 folders; a checkpoint should be rea
 def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder that becomes ``out`` when the ``with`` block succeeds."""
     out = Path(out)
-    _check_destination(out, overwrite)
+    check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     os.chmod(staging, _FOLDER_MODE)
@@ -37,11 +37,16 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
         raise
 
 
-def _check_destination(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a destination that is a file, or a non-empty folder unless ``overwrite``."""
     if out.exists() and not out.is_dir():
-        raise QuantkitError(f"output path '{out}' is a file; choose a folder path for the output")
+        raise QuantkitError(
+            f"output path '{out}' is a file; choose a folder path for the output"
+        )
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise QuantkitError(f"output folder '{out}' exists; pass --overwrite to replace it")
+        raise QuantkitError(
+            f"output folder '{out}' exists; pass --overwrite to replace it"
+        )
 
 
 def _move_into_place(staging: Path, out: Path) -> None:

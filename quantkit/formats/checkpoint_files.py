@@ -25,7 +25,9 @@ def read_config_json(folder: Path | str) -> dict:
         raise QuantkitError(f"checkpoint folder '{folder}' does not exist")
     path = folder / CONFIG_NAME
     if not path.is_file():
-        raise QuantkitError(f"'{folder}' has no {CONFIG_NAME}; point at a Hugging Face checkpoint folder")
+        raise QuantkitError(
+            f"'{folder}' has no {CONFIG_NAME}; point at a Hugging Face checkpoint folder"
+        )
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
@@ -53,11 +55,15 @@ def read_safetensors(folder: Path | str) -> dict[str, torch.Tensor]:
     elif (folder / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
     else:
-        raise QuantkitError(f"'{folder}' has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}")
+        raise QuantkitError(
+            f"'{folder}' has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}"
+        )
     tensors: dict[str, torch.Tensor] = {}
     for name in files:
         shard = folder / name
         if not shard.is_file():
-            raise QuantkitError(f"shard '{shard}' listed in {WEIGHTS_INDEX_NAME} is missing")
+            raise QuantkitError(
+                f"shard '{shard}' listed in {WEIGHTS_INDEX_NAME} is missing"
+            )
         tensors.update(load_file(shard))
     return tensors

@@ -54,12 +54,14 @@ quantizes with zero points in ``[1, 2**bits - 1]`` (``min_zero=1``); symmetric z
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
@@ -68,14 +70,19 @@ from transformers.pytorch_utils import Conv1D
 from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.formats.atomic import atomic_output_dir
-from quantkit.formats.checkpoint_files import WEIGHTS_NAME, read_config_json, read_safetensors
+from quantkit.formats.checkpoint_files import (
+    WEIGHTS_NAME,
+    read_config_json,
+    read_safetensors,
+)
 from quantkit.quant.linear import QuantLinear, check_packable
 from quantkit.quant.rtn import QuantizedWeight, default_g_idx
 from quantkit.quant.scheme import QuantScheme
 
 GPTQ_FORMAT = "gptq"
 QUANTIZE_CONFIG_NAME = "quantize_config.json"
-QUANT_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+REQUIRED_TENSORS = ("qweight", "qzeros", "scales")
+OPTIONAL_TENSORS = ("g_idx", "bias")
 STORAGE_DTYPE = torch.float16
 
 
@@ -111,10 +118,15 @@ def save_gptq(
 
 
 def gptq_quantization_config(
-    model: nn.Module, quantized: Mapping[str, QuantizedWeight], scheme: QuantScheme, algorithm_config: dict
+    model: nn.Module,
+    quantized: Mapping[str, QuantizedWeight],
+    scheme: QuantScheme,
+    algorithm_config: dict,
 ) -> dict:
     """The ``quantization_config`` entry that GPTQ loaders read."""
-    permuted = any(not torch.equal(qw.g_idx.cpu(), _default_g_idx(qw)) for qw in quantized.values())
+    permuted = any(
+        not torch.equal(qw.g_idx.cpu(), _default_g_idx(qw)) for qw in quantized.values()
+    )
     in_block, excluded = _block_coverage(model, quantized)
     quantizer = [f"quantkit:{__version__}"]
     qcfg = {
@@ -131,7 +143,10 @@ def gptq_quantization_config(
         "lm_head": _output_name(model) in quantized,
         "modules_in_block_to_quantize": [in_block],
         "quantizer": quantizer,
-        "meta": {"quantizer": quantizer, "quantkit": {"scheme": scheme.name, **algorithm_config}},
+        "meta": {
+            "quantizer": quantizer,
+            "quantkit": {"scheme": scheme.name, **algorithm_config},
+        },
     }
     if excluded:
         qcfg["dynamic"] = {f"-:{re.escape(name)}$": {} for name in excluded}
@@ -139,7 +154,10 @@ def gptq_quantization_config(
 
 
 def load_gptq_model(
-    path: Path | str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: Path | str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
     """Build the model a GPTQ v1 folder describes, with ``QuantLinear`` for its quantized layers.
 
@@ -149,32 +167,45 @@ def load_gptq_model(
     qcfg = _read_gptq_config(path)
     tensors = read_safetensors(path)
     config = AutoConfig.from_pretrained(path)
-    del config.quantization_config  # build the plain model; quantkit swaps in its own layers
-    from accelerate import init_empty_weights
-
+    # Build the plain model; quantkit swaps in its own layers below.
+    del config.quantization_config
     # Parameters on the meta device (no memory, no init); buffers such as RoPE tables stay real.
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name in sorted({key.rsplit(".", 1)[0] for key in tensors if key.endswith(".qweight")}):
+    packed = sorted(
+        key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")
+    )
+    for name in packed:
         _install_quant_linear(model, name, tensors, qcfg)
     _load_remaining(model, tensors, dtype, path)
     return model.to(device).eval()
 
 
-def _check_quantized(model: nn.Module, quantized: Mapping[str, QuantizedWeight], scheme: QuantScheme) -> None:
+def _check_quantized(
+    model: nn.Module, quantized: Mapping[str, QuantizedWeight], scheme: QuantScheme
+) -> None:
     for name, qw in quantized.items():
         module = _linear_module(model, name)
         expected = _out_in(module)
         if tuple(qw.codes.shape) != expected:
-            raise ValueError(f"quantized weight of '{name}' has shape {tuple(qw.codes.shape)}, layer has {expected}")
-        if (qw.bits, qw.group_size, qw.symmetric) != (scheme.bits, scheme.group_size, scheme.symmetric):
-            raise ValueError(f"'{name}' was quantized with a different scheme than {scheme.name}")
+            raise ValueError(
+                f"quantized weight of '{name}' has shape {tuple(qw.codes.shape)}, layer has {expected}"
+            )
+        layout = (qw.bits, qw.group_size, qw.symmetric)
+        if layout != (scheme.bits, scheme.group_size, scheme.symmetric):
+            raise ValueError(
+                f"'{name}' was quantized with a different scheme than {scheme.name}"
+            )
         if qw.symmetric and not bool((qw.zeros == 1 << (qw.bits - 1)).all()):
-            raise ValueError(f"symmetric layer '{name}' must use zero point {1 << (qw.bits - 1)}")
+            raise ValueError(
+                f"symmetric layer '{name}' must use zero point {1 << (qw.bits - 1)}"
+            )
         try:
             check_packable(qw.in_features, qw.out_features, qw.bits)
         except ValueError as exc:
-            raise QuantkitError(f"layer '{name}' cannot be stored: {exc}; add it to the ignore list") from None
+            raise QuantkitError(
+                f"layer '{name}' cannot be stored: {exc}; add it to the ignore list"
+            ) from None
 
 
 def _linear_module(model: nn.Module, name: str) -> nn.Module:
@@ -183,13 +214,15 @@ def _linear_module(model: nn.Module, name: str) -> nn.Module:
     except AttributeError:
         raise QuantkitError(f"the model has no layer named '{name}'") from None
     if not isinstance(module, (nn.Linear, Conv1D)):
-        raise QuantkitError(f"layer '{name}' is a {type(module).__name__}, not a linear layer")
+        raise QuantkitError(
+            f"layer '{name}' is a {type(module).__name__}, not a linear layer"
+        )
     return module
 
 
 def _out_in(module: nn.Module) -> tuple[int, int]:
-    out_features, in_features = module.weight.shape
-    return (in_features, out_features) if isinstance(module, Conv1D) else (out_features, in_features)
+    rows, cols = module.weight.shape
+    return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
 
 
 def _default_g_idx(qw: QuantizedWeight) -> torch.Tensor:
@@ -197,20 +230,27 @@ def _default_g_idx(qw: QuantizedWeight) -> torch.Tensor:
 
 
 def _output_name(model: nn.Module) -> str | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return next((name for name, module in model.named_modules() if module is head), None)
+    if not hasattr(model, "get_output_embeddings"):
+        return None
+    head = model.get_output_embeddings()
+    names = (name for name, module in model.named_modules() if module is head)
+    return next(names, None)
 
 
 def _block_position(model: nn.Module, name: str) -> tuple[str, str] | None:
     """(block name, name inside the block) when ``name`` lies in a decoder layer list."""
     parts = name.split(".")
     for i, part in enumerate(parts[1:], start=1):
-        if part.isdigit() and isinstance(model.get_submodule(".".join(parts[:i])), nn.ModuleList):
+        if part.isdigit() and isinstance(
+            model.get_submodule(".".join(parts[:i])), nn.ModuleList
+        ):
             return ".".join(parts[: i + 1]), ".".join(parts[i + 1 :])
     return None
 
 
-def _block_coverage(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> tuple[list[str], list[str]]:
+def _block_coverage(
+    model: nn.Module, quantized: Mapping[str, QuantizedWeight]
+) -> tuple[list[str], list[str]]:
     """Names-in-block quantized somewhere, and full names of block linears those names miss."""
     head = _output_name(model)
     in_block: list[str] = []
@@ -234,74 +274,114 @@ def _block_coverage(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) 
     return in_block, excluded
 
 
-def _checkpoint_tensors(model: nn.Module, quantized: Mapping[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
+def _checkpoint_tensors(
+    model: nn.Module, quantized: Mapping[str, QuantizedWeight]
+) -> dict[str, torch.Tensor]:
     """State dict with the quantized layers packed and every float tensor in float16."""
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for name, qw in quantized.items():
         state.pop(f"{name}.weight", None)
         bias = state.pop(f"{name}.bias", None)
-        packed = QuantLinear.from_quantized(_to_cpu(qw), None if bias is None else bias.cpu(), STORAGE_DTYPE)
-        tensors.update({f"{name}.{key}": value for key, value in packed.state_dict().items()})
+        packed = QuantLinear.from_quantized(
+            _to_cpu(qw), None if bias is None else bias.cpu(), STORAGE_DTYPE
+        )
+        tensors.update(
+            {f"{name}.{key}": value for key, value in packed.state_dict().items()}
+        )
     seen: set[int] = set()
     for key, value in state.items():
-        if value.numel() and value.data_ptr() in seen:  # tied weights (lm_head = embeddings) stored once
+        # Tied weights (lm_head sharing the embeddings) are stored once.
+        if value.numel() and value.data_ptr() in seen:
             continue
         seen.add(value.data_ptr())
         value = value.detach().cpu()
-        tensors[key] = (value.to(STORAGE_DTYPE) if value.is_floating_point() else value).contiguous()
+        tensors[key] = (
+            value.to(STORAGE_DTYPE) if value.is_floating_point() else value
+        ).contiguous()
     return tensors
 
 
 def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
-    return QuantizedWeight(
-        codes=qw.codes.cpu(), scales=qw.scales.cpu(), zeros=qw.zeros.cpu(), g_idx=qw.g_idx.cpu(),
-        bits=qw.bits, group_size=qw.group_size, symmetric=qw.symmetric,
-    )  # fmt: skip
+    tensors = {
+        key: getattr(qw, key).cpu() for key in ("codes", "scales", "zeros", "g_idx")
+    }
+    return dataclasses.replace(qw, **tensors)
 
 
-def _save_config(model: nn.Module, quantized: Mapping[str, QuantizedWeight], qcfg: dict, folder: Path) -> None:
+def _save_config(
+    model: nn.Module, quantized: Mapping[str, QuantizedWeight], qcfg: dict, folder: Path
+) -> None:
     config = copy.deepcopy(model.config)
     config.quantization_config = qcfg
     config.dtype = STORAGE_DTYPE
-    if _output_name(model) in quantized and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False  # a packed lm_head can no longer share the embeddings
+    # A packed lm_head can no longer share the embeddings' tensor.
+    head_packed = _output_name(model) in quantized
+    if head_packed and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
     config.save_pretrained(folder)
 
 
 def _read_gptq_config(path: Path | str) -> dict:
     qcfg = read_config_json(path).get("quantization_config")
-    if not isinstance(qcfg, dict) or str(qcfg.get("quant_method", "")).lower() != "gptq":
-        raise QuantkitError(f"'{path}' is not a GPTQ checkpoint (config.json quant_method is not 'gptq')")
-    layout = str(qcfg.get("checkpoint_format") or qcfg.get("format") or GPTQ_FORMAT).lower()
+    if (
+        not isinstance(qcfg, dict)
+        or str(qcfg.get("quant_method", "")).lower() != "gptq"
+    ):
+        raise QuantkitError(
+            f"'{path}' is not a GPTQ checkpoint (config.json quant_method is not 'gptq')"
+        )
+    layout = str(
+        qcfg.get("checkpoint_format") or qcfg.get("format") or GPTQ_FORMAT
+    ).lower()
     if layout != GPTQ_FORMAT:
         raise QuantkitError(
             f"'{path}' uses GPTQ checkpoint_format '{layout}'; quantkit reads only 'gptq' (v1) for now"
         )
-    if qcfg.get("bits") not in (2, 3, 4, 8) or not isinstance(qcfg.get("group_size"), int):
-        raise QuantkitError(f"'{path}/config.json' has an invalid GPTQ bits or group_size")
+    if qcfg.get("bits") not in (2, 3, 4, 8) or not isinstance(
+        qcfg.get("group_size"), int
+    ):
+        raise QuantkitError(
+            f"'{path}/config.json' has an invalid GPTQ bits or group_size"
+        )
     return qcfg
 
 
-def _install_quant_linear(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], qcfg: dict) -> None:
+def _install_quant_linear(
+    model: nn.Module, name: str, tensors: dict[str, torch.Tensor], qcfg: dict
+) -> None:
     """Replace the float layer ``name`` by a QuantLinear filled from the checkpoint tensors."""
     out_features, in_features = _out_in(_linear_module(model, name))
     has_bias = f"{name}.bias" in tensors
-    layer = QuantLinear(in_features, out_features, qcfg["bits"], qcfg["group_size"], bias=has_bias)
-    keys = [*QUANT_TENSORS, *(["bias"] if has_bias else [])]
+    layer = QuantLinear(
+        in_features, out_features, qcfg["bits"], qcfg["group_size"], bias=has_bias
+    )
+    # Some older checkpoints omit g_idx; the layer then keeps consecutive groups.
+    present = [key for key in OPTIONAL_TENSORS if f"{name}.{key}" in tensors]
+    keys = [*REQUIRED_TENSORS, *present]
     try:
-        layer.load_state_dict({key: tensors.pop(f"{name}.{key}") for key in keys})
+        layer_state = {key: tensors.pop(f"{name}.{key}") for key in keys}
+        layer.load_state_dict(layer_state, strict=False)
     except (KeyError, RuntimeError) as exc:
-        raise QuantkitError(f"GPTQ tensors of layer '{name}' are missing or mis-shaped: {exc}") from None
+        raise QuantkitError(
+            f"GPTQ tensors of layer '{name}' are missing or mis-shaped: {exc}"
+        ) from None
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
 
 
-def _load_remaining(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, path) -> None:
-    state = {key: value.to(dtype) if value.is_floating_point() else value for key, value in tensors.items()}
+def _load_remaining(
+    model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, path
+) -> None:
+    state = {
+        key: value.to(dtype) if value.is_floating_point() else value
+        for key, value in tensors.items()
+    }
     result = model.load_state_dict(state, strict=False, assign=True)
     if result.unexpected_keys:
-        raise QuantkitError(f"'{path}' holds tensors the model does not use: {result.unexpected_keys[:5]}")
+        raise QuantkitError(
+            f"'{path}' holds tensors the model does not use: {result.unexpected_keys[:5]}"
+        )
     model.tie_weights()
     missing = [name for name, param in model.named_parameters() if param.is_meta]
     if missing:

@@ -42,30 +42,35 @@ def fold_input_scales(layer: nn.Module, group: LinearGroup, scales: torch.Tensor
 def _divide_norm(norm: nn.Module, scales: torch.Tensor, offset: float) -> None:
     if getattr(norm, "weight", None) is None:
         raise ValueError(f"{type(norm).__name__} has no weight to fold a scale into")
-    weight = norm.weight.float()
-    scales = scales.to(weight.device, torch.float32)
+    weight = _wide(norm.weight)
+    scales = scales.to(weight.device, weight.dtype)
     norm.weight.copy_((offset + weight) / scales - offset)
     if getattr(norm, "bias", None) is not None:
-        norm.bias.copy_(norm.bias.float() / scales)
+        norm.bias.copy_(_wide(norm.bias) / scales)
 
 
 def _divide_output_channels(linear: nn.Module, scales: torch.Tensor, start: int, stop: int) -> None:
     if stop - start != scales.numel():
         raise ValueError(f"{stop - start} producer channels cannot take {scales.numel()} scales")
-    scales = scales.to(linear.weight.device, torch.float32)
+    scales = scales.to(linear.weight.device, _wide(linear.weight).dtype)
     if is_transposed(linear):
         block = linear.weight[:, start:stop]
-        block.copy_(block.float() / scales)
+        block.copy_(_wide(block) / scales)
     else:
         block = linear.weight[start:stop]
-        block.copy_(block.float() / scales[:, None])
+        block.copy_(_wide(block) / scales[:, None])
     if linear.bias is not None:
-        linear.bias[start:stop].copy_(linear.bias[start:stop].float() / scales)
+        linear.bias[start:stop].copy_(_wide(linear.bias[start:stop]) / scales)
 
 
 def _multiply_input_channels(linear: nn.Module, scales: torch.Tensor) -> None:
-    scales = scales.to(linear.weight.device, torch.float32)
+    scales = scales.to(linear.weight.device, _wide(linear.weight).dtype)
     if is_transposed(linear):
-        linear.weight.copy_(linear.weight.float() * scales[:, None])
+        linear.weight.copy_(_wide(linear.weight) * scales[:, None])
     else:
-        linear.weight.copy_(linear.weight.float() * scales)
+        linear.weight.copy_(_wide(linear.weight) * scales)
+
+
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor in float32 at least, so half-precision weights are rescaled without extra rounding."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))

@@ -50,13 +50,23 @@ class QuantLinear(nn.Module):
         self.group_size = group_size
         n_groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
         words = {"dtype": torch.int32, "device": device}
-        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, **words))
-        self.register_buffer("qzeros", torch.zeros(n_groups, out_features * bits // 32, **words))
-        self.register_buffer("scales", torch.zeros(n_groups, out_features, dtype=dtype, device=device))
-        column_group = torch.arange(in_features, device=device) // (in_features if group_size == -1 else group_size)
+        self.register_buffer(
+            "qweight", torch.zeros(in_features * bits // 32, out_features, **words)
+        )
+        self.register_buffer(
+            "qzeros", torch.zeros(n_groups, out_features * bits // 32, **words)
+        )
+        self.register_buffer(
+            "scales", torch.zeros(n_groups, out_features, dtype=dtype, device=device)
+        )
+        column_group = torch.arange(in_features, device=device) // (
+            in_features if group_size == -1 else group_size
+        )
         self.register_buffer("g_idx", column_group.to(torch.int32))
         if bias:
-            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+            self.register_buffer(
+                "bias", torch.zeros(out_features, dtype=dtype, device=device)
+            )
         else:
             self.bias = None
         self._cached_weight: torch.Tensor | None = None
@@ -64,7 +74,10 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(
-        cls, qw: QuantizedWeight, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float16
+        cls,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float16,
     ) -> QuantLinear:
         """Pack a ``QuantizedWeight`` (and optional bias) into a new layer on the weight's device."""
         if qw.zeros.numel() and int(qw.zeros.min()) < 1:
@@ -87,7 +100,9 @@ class QuantLinear(nn.Module):
     def dequantize_weight(self) -> torch.Tensor:
         """The weight (out, in) in float32, unpacked from the buffers (reference path)."""
         codes = unpack_rows(self.qweight, self.bits)  # (in, out)
-        zeros = unpack_cols(self.qzeros, self.bits) + 1  # (n_groups, out), v1 stores zero - 1
+        zeros = (
+            unpack_cols(self.qzeros, self.bits) + 1
+        )  # (n_groups, out), v1 stores zero - 1
         groups = self.g_idx.long()
         shifted = (codes - zeros[groups]).to(torch.float32)
         return (self.scales[groups].to(torch.float32) * shifted).t()
@@ -109,7 +124,13 @@ class QuantLinear(nn.Module):
         # its small footprint until a fused kernel replaces this path.
         if x.device.type != "cpu":
             return self.dequantize_weight().to(device=x.device, dtype=x.dtype)
-        key = (x.dtype, *(t.data_ptr() for t in (self.qweight, self.qzeros, self.scales, self.g_idx)))
+        key = (
+            x.dtype,
+            *(
+                t.data_ptr()
+                for t in (self.qweight, self.qzeros, self.scales, self.g_idx)
+            ),
+        )
         if self._cache_key != key:
             self._cached_weight = self.dequantize_weight().to(x.dtype)
             self._cache_key = key

@@ -37,13 +37,19 @@ def pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
         )
     values = codes.to(torch.int64)
     if values.numel() and (values.min() < 0 or values.max() > (1 << bits) - 1):
-        raise ValueError(f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing")
+        raise ValueError(
+            f"codes must lie in [0, {(1 << bits) - 1}] for {bits}-bit packing"
+        )
     n_words = rows * bits // _WORD
     word, shift = _stream_positions(rows, bits, codes.device)
-    packed = torch.zeros((n_words, codes.shape[1]), dtype=torch.int64, device=codes.device)
+    packed = torch.zeros(
+        (n_words, codes.shape[1]), dtype=torch.int64, device=codes.device
+    )
     # Bit fields never overlap, so adding them is the same as OR-ing them.
     packed.index_add_(0, word, (values << shift) & _WORD_MASK)
-    spill = values >> (_WORD - shift)  # the high bits of a code that crosses into the next word
+    spill = values >> (
+        _WORD - shift
+    )  # the high bits of a code that crosses into the next word
     packed.index_add_(0, (word + 1).clamp_(max=n_words - 1), spill)
     return _to_int32(packed)
 
@@ -53,7 +59,9 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     _check_bits(bits)
     n_words = packed.shape[0]
     if packed.dim() != 2 or (n_words * _WORD) % bits != 0:
-        raise ValueError(f"{n_words} packed rows do not hold a whole number of {bits}-bit codes")
+        raise ValueError(
+            f"{n_words} packed rows do not hold a whole number of {bits}-bit codes"
+        )
     words = packed.to(torch.int64) & _WORD_MASK
     rows = n_words * _WORD // bits
     word, shift = _stream_positions(rows, bits, packed.device)
@@ -72,7 +80,9 @@ def unpack_cols(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_rows(packed.t(), bits).t().contiguous()
 
 
-def _stream_positions(rows: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _stream_positions(
+    rows: int, bits: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Word index (rows,) and in-word shift (rows, 1) of each code's lowest bit."""
     start = torch.arange(rows, dtype=torch.int64, device=device) * bits
     return start // _WORD, (start % _WORD).unsqueeze(1)
@@ -86,4 +96,3 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
 def _check_bits(bits: int) -> None:
     if bits not in PACKABLE_BITS:
         raise ValueError(f"GPTQ packing supports {PACKABLE_BITS} bits, got {bits}")
-

@@ -50,23 +50,33 @@ def compute_qparams(
     """Scales (out, n_groups) float32 and zero points (out, n_groups) int32 for ``w`` (out, in)."""
     maxq = max_code(bits)
     if not 0 <= min_zero < maxq:
-        raise ValueError(f"min_zero must be in [0, {maxq - 1}] for {bits}-bit codes, got {min_zero}")
+        raise ValueError(
+            f"min_zero must be in [0, {maxq - 1}] for {bits}-bit codes, got {min_zero}"
+        )
     groups = _grouped(w, group_size)
     if symmetric:
         scales, zeros = _symmetric_params(groups, maxq)
     else:
         scales, zeros = _asymmetric_params(groups, maxq, min_zero)
     if fp16_scales:
-        scales = scales.to(torch.float16).to(torch.float32).clamp(_FP16_SMALLEST, _FP16_MAX)
+        scales = (
+            scales.to(torch.float16).to(torch.float32).clamp(_FP16_SMALLEST, _FP16_MAX)
+        )
     return scales, zeros
 
 
 def quantize(
-    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int
+    w: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    group_size: int,
 ) -> torch.Tensor:
     """Integer codes (out, in) int32 in ``[0, 2**bits - 1]`` for ``w`` under the given params."""
     groups = _grouped(w, group_size)
-    q = torch.round(groups / scales.unsqueeze(-1)) + zeros.unsqueeze(-1).to(torch.float32)
+    q = torch.round(groups / scales.unsqueeze(-1)) + zeros.unsqueeze(-1).to(
+        torch.float32
+    )
     q = q.clamp_(0, max_code(bits))
     return q.reshape(w.shape).to(torch.int32)
 
@@ -76,7 +86,9 @@ def dequantize(
 ) -> torch.Tensor:
     """Float32 weights (out, in): ``scale * (q - zero)`` per group."""
     groups = _grouped(codes, group_size, as_float=False)
-    shifted = (groups.to(torch.int32) - zeros.to(torch.int32).unsqueeze(-1)).to(torch.float32)
+    shifted = (groups.to(torch.int32) - zeros.to(torch.int32).unsqueeze(-1)).to(
+        torch.float32
+    )
     return (scales.to(torch.float32).unsqueeze(-1) * shifted).reshape(codes.shape)
 
 
@@ -88,13 +100,20 @@ def fake_quantize(
     The defaults match what a GPTQ v1 checkpoint (fp16 scales, zero points >= 1) reconstructs.
     """
     scales, zeros = compute_qparams(
-        w, scheme.bits, scheme.group_size, scheme.symmetric, min_zero=min_zero, fp16_scales=fp16_scales
+        w,
+        scheme.bits,
+        scheme.group_size,
+        scheme.symmetric,
+        min_zero=min_zero,
+        fp16_scales=fp16_scales,
     )
     codes = quantize(w, scales, zeros, scheme.bits, scheme.group_size)
     return dequantize(codes, scales, zeros, scheme.group_size).to(w.dtype)
 
 
-def _grouped(w: torch.Tensor, group_size: int, *, as_float: bool = True) -> torch.Tensor:
+def _grouped(
+    w: torch.Tensor, group_size: int, *, as_float: bool = True
+) -> torch.Tensor:
     """View (out, in) as (out, n_groups, group_size)."""
     if w.dim() != 2:
         raise ValueError(f"expected a 2-D weight (out, in), got shape {tuple(w.shape)}")
@@ -105,7 +124,9 @@ def _grouped(w: torch.Tensor, group_size: int, *, as_float: bool = True) -> torc
     return grouped.to(torch.float32) if as_float else grouped
 
 
-def _symmetric_params(groups: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _symmetric_params(
+    groups: torch.Tensor, maxq: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     xmax = groups.abs().amax(dim=-1)
     xmax = torch.where(xmax == 0, torch.ones_like(xmax), xmax)
     scales = _positive(2 * xmax / maxq)

@@ -25,7 +25,9 @@ class QuantizedWeight:
     codes: torch.Tensor  # (out, in) int32 in [0, 2**bits - 1]
     scales: torch.Tensor  # (out, n_groups) float32
     zeros: torch.Tensor  # (out, n_groups) int32
-    g_idx: torch.Tensor  # (in,) int32: group of each input column (act-order permutes it)
+    g_idx: (
+        torch.Tensor
+    )  # (in,) int32: group of each input column (act-order permutes it)
     bits: int
     group_size: int
     symmetric: bool
@@ -41,11 +43,15 @@ class QuantizedWeight:
     def dequantize(self) -> torch.Tensor:
         """The represented weight (out, in) float32: ``scale[g] * (q - zero[g])`` per column."""
         groups = self.g_idx.long()
-        shifted = (self.codes.to(torch.int32) - self.zeros[:, groups].to(torch.int32)).to(torch.float32)
+        shifted = (
+            self.codes.to(torch.int32) - self.zeros[:, groups].to(torch.int32)
+        ).to(torch.float32)
         return self.scales[:, groups].to(torch.float32) * shifted
 
 
-def default_g_idx(in_features: int, group_size: int, device: torch.device | None = None) -> torch.Tensor:
+def default_g_idx(
+    in_features: int, group_size: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Group of each input column when groups are consecutive runs of ``group_size`` columns."""
     columns = torch.arange(in_features, dtype=torch.int32, device=device)
     return torch.zeros_like(columns) if group_size == -1 else columns // group_size
@@ -67,7 +73,12 @@ def rtn_quantize(
     weight = weight_out_in.detach()
     check_group_size(weight.shape[1], scheme.group_size, module_name)
     scales, zeros = compute_qparams(
-        weight, scheme.bits, scheme.group_size, scheme.symmetric, min_zero=min_zero, fp16_scales=fp16_scales
+        weight,
+        scheme.bits,
+        scheme.group_size,
+        scheme.symmetric,
+        min_zero=min_zero,
+        fp16_scales=fp16_scales,
     )
     codes = quantize(weight, scales, zeros, scheme.bits, scheme.group_size)
     return QuantizedWeight(
@@ -81,7 +92,9 @@ def rtn_quantize(
     )
 
 
-def rtn_quantize_modules(modules: Mapping[str, nn.Module], scheme: QuantScheme) -> dict[str, QuantizedWeight]:
+def rtn_quantize_modules(
+    modules: Mapping[str, nn.Module], scheme: QuantScheme
+) -> dict[str, QuantizedWeight]:
     """RTN-quantize every named linear layer that the scheme does not ignore."""
     return {
         name: rtn_quantize(weight_out_in(module), scheme, module_name=name)

@@ -37,7 +37,9 @@ class QuantScheme:
         _check_bits(self.bits)
         _check_group_size_value(self.group_size)
         if not isinstance(self.symmetric, bool):
-            raise QuantkitError(f"symmetric must be true or false, got {self.symmetric!r}")
+            raise QuantkitError(
+                f"symmetric must be true or false, got {self.symmetric!r}"
+            )
         ignore = (self.ignore,) if isinstance(self.ignore, str) else tuple(self.ignore)
         for pattern in ignore:
             _check_ignore_pattern(pattern)
@@ -66,7 +68,9 @@ def parse_scheme(
     key = text.strip().lower() if isinstance(text, str) else ""
     key = _ALIASES.get(key, key)
     if key not in SCHEME_NAMES:
-        raise QuantkitError(f"unknown scheme '{text}': expected one of {', '.join(SCHEME_NAMES)}")
+        raise QuantkitError(
+            f"unknown scheme '{text}': expected one of {', '.join(SCHEME_NAMES)}"
+        )
     options: dict = {"bits": int(key[1])}
     if group_size is not None:
         options["group_size"] = group_size
@@ -90,7 +94,9 @@ def check_group_size(in_features: int, group_size: int, module_name: str) -> Non
 def _check_bits(bits: object) -> None:
     if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         expected = ", ".join(str(b) for b in SUPPORTED_BITS)
-        raise QuantkitError(f"unsupported weight bits {bits!r}: expected one of {expected}")
+        raise QuantkitError(
+            f"unsupported weight bits {bits!r}: expected one of {expected}"
+        )
 
 
 def _check_group_size_value(group_size: object) -> None:
@@ -104,12 +110,16 @@ def _check_group_size_value(group_size: object) -> None:
 
 def _check_ignore_pattern(pattern: object) -> None:
     if not isinstance(pattern, str) or not pattern:
-        raise QuantkitError(f"invalid ignore entry {pattern!r}: expected a module name or 're:<regex>'")
+        raise QuantkitError(
+            f"invalid ignore entry {pattern!r}: expected a module name or 're:<regex>'"
+        )
     if pattern.startswith(_REGEX_PREFIX):
         try:
             re.compile(pattern[len(_REGEX_PREFIX) :])
         except re.error as exc:
-            raise QuantkitError(f"ignore pattern '{pattern}' is not a valid regular expression: {exc}") from None
+            raise QuantkitError(
+                f"ignore pattern '{pattern}' is not a valid regular expression: {exc}"
+            ) from None
 
 
 def _matches(pattern: str, module_name: str) -> bool:

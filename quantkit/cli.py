@@ -1,0 +1,178 @@
+"""The ``quantkit`` command line: parse options, call the library, render the result with rich.
+
+Mistakes a user can fix (``QuantkitError``) print one line and exit with status 2; anything else
+is a bug and shows its traceback only with ``--debug`` (or ``QUANTKIT_DEBUG=1``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from quantkit import __version__
+from quantkit.errors import QuantkitError
+
+app = typer.Typer(
+    name="quantkit",
+    help="Make language models smaller and faster, and prove it: quantize, evaluate, serve.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+_state = {"debug": os.environ.get("QUANTKIT_DEBUG", "") not in ("", "0")}
+
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="Model folder, hub id, or bundled name (quantkit-target, quantkit-draft). Default: the bundled target.",
+    show_default=False)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"quantkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+@app.command()
+def quantize(
+    model: ModelArg = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the quantized checkpoint to.")] = ...,
+    scheme: Annotated[str, typer.Option(help="Weight scheme: w8a16, w4a16, w3a16, w2a16.")] = "w4a16",
+    group_size: Annotated[int, typer.Option(help="Input channels per scale: 32, 64, 128, ..., or -1 per channel.")] = 128,
+    symmetric: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (no zero point) or asymmetric.")] = True,
+    method: Annotated[str, typer.Option(help="Quantization algorithm.")] = "rtn",
+    ignore: Annotated[Optional[list[str]], typer.Option(
+        help="Layers to keep in 16-bit (name, suffix or re:<regex>); repeatable. Default: lm_head.")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (see recipes/); replaces the scheme options.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    device: Annotated[str, typer.Option(help="Device for the working layer: cpu, cuda, cuda:1, ...")] = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+) -> None:
+    """Quantize a model as a recipe says and write a checkpoint that vLLM and transformers load."""
+    from quantkit.recipe import load_recipe, weight_quant_recipe
+
+    if recipe is not None:
+        plan = load_recipe(recipe)
+    else:
+        plan = weight_quant_recipe(scheme, group_size=group_size, symmetric=symmetric, method=method,
+                                   ignore=tuple(ignore) if ignore else ("lm_head",))
+    result = _run_compress(model, plan, output, overwrite, device, show_progress=not as_json)
+    summary = {
+        "model": result.model_path, "output": str(result.output), "recipe": plan.to_dict(),
+        "quantized_layers": len(result.pipeline.quantized), "skipped_layers": result.pipeline.skipped,
+        "seconds": round(result.seconds, 3),
+        "max_relative_weight_error": max((r.max_error for r in result.pipeline.layers), default=0.0),
+    }
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    out = Console()
+    out.print(f"[bold green]wrote[/] {result.output}  ({len(result.pipeline.quantized)} layers quantized, "
+              f"{plan.steps[0].quant_scheme().name}, {result.seconds:.1f}s)")
+    out.print(f"compare with: quantkit eval {result.output} --baseline {result.model_path}")
+
+
+def _run_compress(model, plan, output, overwrite, device, show_progress: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from quantkit.compress import compress
+
+    progress = Progress(TextColumn("[bold]quantizing[/]"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+                        disable=not show_progress, transient=False)
+    task = {}
+
+    def on_start(num_layers: int) -> None:
+        task["id"] = progress.add_task("layers", total=num_layers, detail="")
+
+    def on_layer(report) -> None:
+        progress.update(task["id"], advance=1,
+                        detail=f"layer {report.index}: max rel. weight error {report.max_error:.4f}")
+
+    with progress:
+        return compress(model, plan, output, overwrite=overwrite, device=device, on_start=on_start,
+                        on_layer=on_layer)
+
+
+@app.command("eval")
+def evaluate(
+    model: ModelArg = None,
+    baseline: Annotated[Optional[str], typer.Option(help="A second model (e.g. the original) to compare with.")] = None,
+    dataset: Annotated[Optional[list[str]], typer.Option(
+        help="Evaluation text: wikitext2, wikipedia-heldout, or a local .txt/.jsonl file; repeatable.")] = None,
+    seq_len: Annotated[int, typer.Option(help="Window length in tokens.")] = 512,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    max_windows: Annotated[Optional[int], typer.Option(help="Evaluate at most this many windows (quick checks).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
+    output_json: Annotated[Optional[Path], typer.Option("--output-json", help="Also write the JSON here.")] = None,
+) -> None:
+    """Perplexity, parameter count and size of a model, optionally beside a baseline."""
+    from quantkit.eval.evaluate import evaluate_model
+    from quantkit.eval.report import render_eval_table, results_to_json
+
+    datasets = dataset or ["wikitext2"]
+    options = dict(datasets=datasets, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows,
+                   device=device, dtype=dtype, progress=not as_json)
+    base = evaluate_model(baseline, **options) if baseline is not None else None
+    result = evaluate_model(model, **options)
+    payload = results_to_json([result], baseline=base)
+    if output_json is not None:
+        output_json.write_text(json.dumps(payload, indent=2) + "\n")
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        render_eval_table([result], baseline=base, console=Console())
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app(standalone_mode=False)
+    except QuantkitError as error:
+        _fail(error, f"error: {error}")
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except (typer.Abort, EOFError):
+        console.print("aborted")
+        sys.exit(1)
+    except Exception as error:  # noqa: BLE001 - the last line of defence for bugs
+        import click
+
+        if isinstance(error, click.exceptions.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        _fail(error, f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+              code=1)
+
+
+def _fail(error: BaseException, message: str, code: int = 2) -> None:
+    if _state["debug"]:
+        console.print_exception()
+    else:
+        console.print(message, style="bold red", markup=False, highlight=False)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

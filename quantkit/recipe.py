@@ -1,0 +1,188 @@
+"""Recipes: an ordered list of typed compression steps, read from YAML and validated.
+
+A recipe file looks like::
+
+    name: w4a16-rtn
+    description: 4-bit weights in groups of 128, round-to-nearest
+    format: gptq
+    calibration: {dataset: wikipedia, num_samples: 128, seq_len: 512, seed: 0}
+    steps:
+      - method: rtn
+        scheme: w4a16
+        group_size: 128
+        symmetric: true
+        ignore: [lm_head]
+
+Every error names the field it is about (``steps[0].group_size: ...``). This module imports no
+torch: parsing a recipe is cheap and can happen before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantkit.errors import QuantkitError
+from quantkit.quant.scheme import QuantScheme, parse_scheme
+
+FORMATS = ("gptq",)
+WEIGHT_METHODS = ("rtn",)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    dataset: str = "wikipedia"
+    num_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    text_field: str = "text"
+
+
+@dataclass(frozen=True)
+class WeightQuantStep:
+    """Quantize the weights of every linear layer in the decoder layers (weights only, a16)."""
+
+    method: str = "rtn"
+    scheme: str = "w4a16"
+    group_size: int = 128
+    symmetric: bool = True
+    ignore: tuple[str, ...] = ("lm_head",)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn"
+
+    def quant_scheme(self) -> QuantScheme:
+        return parse_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric,
+                            ignore=self.ignore)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    steps: tuple[WeightQuantStep, ...]
+    name: str = "custom"
+    description: str = ""
+    format: str = "gptq"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(step.needs_calibration for step in self.steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "format": self.format,
+            "calibration": _as_dict(self.calibration),
+            "steps": [_as_dict(step) for step in self.steps],
+        }
+
+
+def _as_dict(obj) -> dict[str, Any]:
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; a missing file or bad YAML is a QuantkitError."""
+    path = Path(path)
+    if not path.is_file():
+        raise QuantkitError(f"recipe file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QuantkitError(f"recipe '{path}' is not valid YAML: {first}") from None
+    try:
+        return recipe_from_dict(data)
+    except QuantkitError as exc:
+        raise QuantkitError(f"recipe '{path}': {exc}") from None
+
+
+def recipe_from_dict(data: Any) -> Recipe:
+    if not isinstance(data, dict):
+        raise QuantkitError("a recipe must be a mapping with a 'steps' list")
+    _reject_unknown(data, {"name", "description", "format", "calibration", "steps"}, "")
+    steps_data = data.get("steps")
+    if not isinstance(steps_data, list) or not steps_data:
+        raise QuantkitError("steps: must be a non-empty list of steps")
+    steps = tuple(_parse_step(item, f"steps[{i}]") for i, item in enumerate(steps_data))
+    if len(steps) > 1:
+        raise QuantkitError("steps: a recipe quantizes the weights once; give one weight-quantization step")
+    fmt = _choice(data.get("format", "gptq"), FORMATS, "format")
+    calibration = _parse_calibration(data.get("calibration", {}) or {})
+    return Recipe(steps=steps, name=str(data.get("name", "custom")),
+                  description=str(data.get("description", "")), format=fmt, calibration=calibration)
+
+
+def weight_quant_recipe(scheme: str, *, group_size: int = 128, symmetric: bool = True,
+                        method: str = "rtn", ignore: tuple[str, ...] = ("lm_head",),
+                        fmt: str = "gptq") -> Recipe:
+    """The recipe that command-line options describe (``--scheme w4a16 --group-size 128``)."""
+    step = {"method": method, "scheme": scheme, "group_size": group_size, "symmetric": symmetric,
+            "ignore": list(ignore)}
+    return recipe_from_dict({"name": f"{scheme}-{method}", "format": fmt, "steps": [step]})
+
+
+def _parse_step(item: Any, where: str) -> WeightQuantStep:
+    if not isinstance(item, dict):
+        raise QuantkitError(f"{where}: must be a mapping with a 'method' field")
+    _reject_unknown(item, {f.name for f in fields(WeightQuantStep)}, where)
+    method = _choice(item.get("method"), WEIGHT_METHODS, f"{where}.method")
+    scheme = item.get("scheme", "w4a16")
+    try:
+        parse_scheme(scheme)
+    except QuantkitError as exc:
+        raise QuantkitError(f"{where}.scheme: {exc}") from None
+    group_size = item.get("group_size", 128)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (group_size <= 0 and group_size != -1):
+        raise QuantkitError(f"{where}.group_size: must be a positive integer (32, 64, 128, ...) "
+                            f"or -1 for per-channel (got {group_size!r})")
+    symmetric = item.get("symmetric", True)
+    if not isinstance(symmetric, bool):
+        raise QuantkitError(f"{where}.symmetric: must be true or false (got {symmetric!r})")
+    ignore = item.get("ignore", ["lm_head"])
+    if isinstance(ignore, str) or not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+        raise QuantkitError(f"{where}.ignore: must be a list of module names or 're:<regex>' patterns")
+    return WeightQuantStep(method=method, scheme=str(scheme).lower(), group_size=group_size, symmetric=symmetric,
+                           ignore=tuple(ignore))
+
+
+def _parse_calibration(data: Any) -> CalibrationConfig:
+    if not isinstance(data, dict):
+        raise QuantkitError("calibration: must be a mapping (dataset, num_samples, seq_len, seed)")
+    _reject_unknown(data, {f.name for f in fields(CalibrationConfig)}, "calibration")
+    values = {}
+    for name in ("num_samples", "seq_len", "seed"):
+        if name in data:
+            value = data[name]
+            minimum = 0 if name == "seed" else (2 if name == "seq_len" else 1)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise QuantkitError(f"calibration.{name}: must be an integer >= {minimum} (got {value!r})")
+            values[name] = value
+    for name in ("dataset", "text_field"):
+        if name in data:
+            if not isinstance(data[name], str) or not data[name]:
+                raise QuantkitError(f"calibration.{name}: must be a non-empty string")
+            values[name] = data[name]
+    return CalibrationConfig(**values)
+
+
+def _reject_unknown(data: dict, allowed: set[str], where: str) -> None:
+    for key in data:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            raise QuantkitError(f"{prefix}{key}: unknown field; allowed fields: {', '.join(sorted(allowed))}")
+
+
+def _choice(value: Any, choices: tuple[str, ...], where: str) -> str:
+    if value not in choices:
+        raise QuantkitError(f"{where}: must be one of {', '.join(choices)} (got {value!r})")
+    return value
