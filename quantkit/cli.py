@@ -85,7 +85,8 @@ def quantize(
     out = Console()
     out.print(f"[bold green]wrote[/] {result.output}  ({len(result.pipeline.quantized)} layers quantized, "
               f"{plan.steps[0].quant_scheme().name}, {result.seconds:.1f}s)")
-    out.print(f"compare with: quantkit eval {result.output} --baseline {result.model_path}")
+    out.print(f"compare with: quantkit eval {result.output} --baseline {model or 'quantkit-target'}",
+              soft_wrap=True)
 
 
 def _run_compress(model, plan, output, overwrite, device, show_progress: bool):
@@ -144,6 +145,7 @@ def evaluate(
 
 def main() -> None:
     """Console-script entry point."""
+    _quiet_libraries()
     try:
         app(standalone_mode=False)
     except QuantkitError as error:
@@ -164,6 +166,17 @@ def main() -> None:
             sys.exit(error.exit_code)
         _fail(error, f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
               code=1)
+
+
+def _quiet_libraries() -> None:
+    """quantkit draws its own progress bars; the libraries' bars and warnings would interleave."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def _fail(error: BaseException, message: str, code: int = 2) -> None:

@@ -132,7 +132,8 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1
 
 
 def train(model, tokens: torch.Tensor, *, seconds: float, batch: int, context: int, lr: float,
-          device: str, seed: int, log) -> dict:
+          device: str, seed: int, log, max_steps: int | None = None) -> dict:
+    """Train until the time budget (or ``max_steps``, when given) is spent."""
     torch.manual_seed(seed)
     model.to(device).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
@@ -147,10 +148,11 @@ def train(model, tokens: torch.Tensor, *, seconds: float, batch: int, context: i
     start, step, seen, loss_ema = time.perf_counter(), 0, 0, None
     while True:
         elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
+        progress = step / max_steps if max_steps else elapsed / seconds
+        if progress >= 1.0:
             break
         for group in opt.param_groups:
-            group["lr"] = lr_at(elapsed / seconds, lr)
+            group["lr"] = lr_at(progress, lr)
         starts = torch.randint(0, n_windows, (batch,), generator=gen)
         idx = starts[:, None] + torch.arange(context + 1)[None, :]
         chunk = tokens[idx].long().to(device, non_blocking=True)
@@ -235,6 +237,8 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--tokenizer-chars", type=int, default=40_000_000,
                     help="characters of training text used to fit the tokenizer")
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="train each model for this many steps instead of a time budget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, tiny data, seconds on a CPU")
     args = ap.parse_args()
@@ -258,6 +262,8 @@ def main() -> None:
     train_texts, heldout_texts = read_articles(args.data)
     if args.smoke:
         train_texts, heldout_texts = train_texts[:40], heldout_texts[:5]
+    if not args.wikitext.is_file():
+        raise SystemExit(f"WikiText-2 test file not found: {args.wikitext}")
     log(f"{len(train_texts)} training articles, {len(heldout_texts)} held out; device {device}")
 
     fit_texts, n_chars = [], 0
@@ -272,7 +278,10 @@ def main() -> None:
     log(f"tokenizer: vocab {len(tokenizer)}; corpus {len(tokens)/1e6:.2f}M tokens "
         f"({sum(map(len, train_texts))/len(tokens):.2f} chars/token); {time.perf_counter()-t0:.0f}s")
 
-    wt_ids = torch.tensor(tokenizer(wikitext2_test(args.wikitext), add_special_tokens=False)["input_ids"])
+    wikitext = wikitext2_test(args.wikitext)
+    if args.smoke:
+        wikitext = wikitext[:50_000]
+    wt_ids = torch.tensor(tokenizer(wikitext, add_special_tokens=False)["input_ids"])
     ho_ids = torch.tensor(tokenizer("\n\n".join(heldout_texts), add_special_tokens=False)["input_ids"])
     eval_len = min(512, args.context)
     metrics = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
@@ -286,12 +295,12 @@ def main() -> None:
         n_params = sum(p.numel() for p in model.parameters())
         log(f"== {name}: {n_params/1e6:.2f}M parameters, {asdict(shape)}")
         stats = train(model, tokens, seconds=seconds, batch=args.batch, context=args.context, lr=lr,
-                      device=device, seed=args.seed, log=log)
+                      device=device, seed=args.seed, log=log, max_steps=args.max_steps)
         stats.update(parameters=n_params, shape=asdict(shape),
                      wikitext2_ppl=window_perplexity(model, wt_ids, eval_len, device),
-                     heldout_ppl=window_perplexity(model, ho_ids, eval_len, device))
+                     heldout_ppl=window_perplexity(model, ho_ids, eval_len, device) if len(ho_ids) >= eval_len else None)
         log(f"{name}: WikiText-2 ppl {stats['wikitext2_ppl']:.2f}, held-out Wikipedia ppl "
-            f"{stats['heldout_ppl']:.2f} (seq {eval_len}, {device}, bf16 weights in fp32 master)")
+            f"{stats['heldout_ppl']} (seq {eval_len}, {device}, trained in bf16 autocast)")
         save_model(model, tokenizer, args.out / name)
         metrics[name] = stats
         del model

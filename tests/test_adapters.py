@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -25,8 +25,14 @@ from quantkit.models.adapters.gemma import GemmaAdapter
 from quantkit.models.folding import fold_input_scales
 
 GROUP_ORDER = ["attn_in", "attn_out", "mlp_in", "mlp_out"]
-SIZES = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=128)
-TOKEN_IDS = dict(bos_token_id=1, eos_token_id=2, pad_token_id=0)
+SIZES = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "vocab_size": 128,
+}
+TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
 
 @dataclass(frozen=True)
@@ -56,15 +62,42 @@ CASES = [
     Case("qwen3-mha", "qwen3", llama_like(tf.Qwen3Config, 4, head_dim=16), "linear", "linear"),
     Case("phi3-mha", "phi3", llama_like(tf.Phi3Config, 4), "linear_slice", "linear_slice"),
     Case("phi3-gqa", "phi3", llama_like(tf.Phi3Config, 2), "none", "linear_slice"),
-    Case("gemma-mha", "gemma", llama_like(tf.GemmaConfig, 4, head_dim=16), "linear", "linear", fold_tolerance=1e-6),
-    Case("gemma2-gqa", "gemma2", llama_like(tf.Gemma2Config, 2, head_dim=16), "none", "linear", fold_tolerance=1e-6),
-    Case("gemma3-mha", "gemma3", llama_like(tf.Gemma3TextConfig, 4, head_dim=16), "linear", "linear", fold_tolerance=1e-6),
+    Case(
+        "gemma-mha",
+        "gemma",
+        llama_like(tf.GemmaConfig, 4, head_dim=16),
+        "linear",
+        "linear",
+        fold_tolerance=1e-6,
+    ),
+    Case(
+        "gemma2-gqa",
+        "gemma2",
+        llama_like(tf.Gemma2Config, 2, head_dim=16),
+        "none",
+        "linear",
+        fold_tolerance=1e-6,
+    ),
+    Case(
+        "gemma3-mha",
+        "gemma3",
+        llama_like(tf.Gemma3TextConfig, 4, head_dim=16),
+        "linear",
+        "linear",
+        fold_tolerance=1e-6,
+    ),
     Case(
         "opt-relu",
         "opt",
         lambda: tf.OPTConfig(
-            hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-            word_embed_proj_dim=64, max_position_embeddings=64, **TOKEN_IDS,
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+            word_embed_proj_dim=64,
+            max_position_embeddings=64,
+            **TOKEN_IDS,
         ),
         "linear",
         "linear",
@@ -73,9 +106,16 @@ CASES = [
         "opt-gelu-post-norm",
         "opt",
         lambda: tf.OPTConfig(
-            hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=128,
-            word_embed_proj_dim=64, max_position_embeddings=64, activation_function="gelu",
-            do_layer_norm_before=False, **TOKEN_IDS,
+            hidden_size=64,
+            ffn_dim=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=128,
+            word_embed_proj_dim=64,
+            max_position_embeddings=64,
+            activation_function="gelu",
+            do_layer_norm_before=False,
+            **TOKEN_IDS,
         ),
         "linear",
         "none",
@@ -157,7 +197,9 @@ def test_linear_groups_partition_the_layer_linears(case):
         assert [group.name for group in groups] == GROUP_ORDER
         named = [name for group in groups for name in group.linears]
         assert all(is_linear_like(layer.get_submodule(name)) for name in named)
-        assert sorted(named) == sorted(name for name, module in layer.named_modules() if is_linear_like(module))
+        assert sorted(named) == sorted(
+            name for name, module in layer.named_modules() if is_linear_like(module)
+        )
         for group in groups:
             assert len({in_features(layer.get_submodule(name)) for name in group.linears}) == 1
 
@@ -286,7 +328,9 @@ def test_gpt2_conv1d_features_are_read_from_the_transposed_weight():
 @pytest.mark.parametrize("model_type", ["xyz", "bert"])
 def test_unknown_architecture_lists_the_supported_ones(model_type):
     if model_type == "bert":
-        subject = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+        subject = tf.BertModel(
+            tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+        )
     else:
         subject = tf.PretrainedConfig()
         subject.model_type = model_type

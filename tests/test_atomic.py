@@ -5,7 +5,7 @@ import os
 import pytest
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.atomic import atomic_output_dir
+from quantkit.formats.atomic import atomic_output_dir, check_output_dir
 
 
 def _leftovers(parent):
@@ -92,3 +92,15 @@ def test_keyboard_interrupt_also_cleans_up(tmp_path):
         (staging / "x").write_text("x")
         raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_output_dir_can_run_before_long_work(tmp_path):
+    check_output_dir(tmp_path / "new", overwrite=False)
+    check_output_dir(str(tmp_path), overwrite=False)  # empty folder
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(QuantkitError, match="exists; pass --overwrite"):
+        check_output_dir(tmp_path, overwrite=False)
+    check_output_dir(tmp_path, overwrite=True)
+    with pytest.raises(QuantkitError, match="is a file"):
+        check_output_dir(tmp_path / "file", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

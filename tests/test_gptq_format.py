@@ -250,6 +250,39 @@ def test_sharded_checkpoints_are_read(tmp_path):
         )
 
 
+def test_missing_g_idx_defaults_and_broken_tensors_are_reported(tmp_path):
+    model = _tiny_llama(seed=9)
+    scheme = QuantScheme(bits=4, group_size=64)
+    quantized = _quantize(model, scheme)
+    out = save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
+    tensors = load_file(out / "model.safetensors")
+    without_g_idx = {k: v for k, v in tensors.items() if not k.endswith(".g_idx")}
+    save_file(without_g_idx, str(out / "model.safetensors"))
+    ids = torch.arange(8).reshape(1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_gptq_model(out)(ids).logits,
+            _reference_model(model, quantized)(ids).logits,
+            rtol=0,
+            atol=1e-4,
+        )
+    broken = dict(without_g_idx)
+    broken["model.layers.0.mlp.up_proj.scales"] = torch.zeros(
+        3, 256, dtype=torch.float16
+    )
+    save_file(broken, str(out / "model.safetensors"))
+    with pytest.raises(
+        QuantkitError, match="'model.layers.0.mlp.up_proj' are missing or mis-shaped"
+    ):
+        load_gptq_model(out)
+    del broken["model.layers.0.mlp.up_proj.scales"]
+    save_file(broken, str(out / "model.safetensors"))
+    with pytest.raises(
+        QuantkitError, match="'model.layers.0.mlp.up_proj' are missing or mis-shaped"
+    ):
+        load_gptq_model(out)
+
+
 def test_existing_folder_is_kept_without_overwrite(tmp_path):
     model = _tiny_llama(seed=5)
     scheme = QuantScheme(bits=4, group_size=32)
@@ -307,6 +340,21 @@ def _write_config(folder, quantization_config):
         config["quantization_config"] = quantization_config
     (folder / "config.json").write_text(json.dumps(config))
     return folder
+
+
+def test_dtype_names_are_accepted(tmp_path):
+    model = _tiny_llama(seed=10)
+    scheme = QuantScheme(bits=8, group_size=-1)
+    out = save_gptq(model, None, _quantize(model, scheme), scheme, tmp_path / "ckpt")
+    assert load_gptq_model(out, dtype="auto").model.norm.weight.dtype == torch.float32
+    assert (
+        load_gptq_model(out, dtype="bfloat16").model.norm.weight.dtype == torch.bfloat16
+    )
+    loaded = load_quantized_model(out, dtype=torch.float16)
+    assert loaded.model.embed_tokens.weight.dtype == torch.float16
+    assert loaded.model.layers[0].mlp.up_proj.scales.dtype == torch.float16
+    with pytest.raises(QuantkitError, match="unknown dtype 'int8'"):
+        load_gptq_model(out, dtype="int8")
 
 
 def test_load_quantized_model_reports_unsupported_checkpoints(tmp_path):

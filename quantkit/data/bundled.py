@@ -30,7 +30,7 @@ def heldout_titles() -> set[str]:
 
 
 def wikitext2_test_rows() -> list[str]:
-    """The rows of WikiText-2's raw test split as the `datasets` library gives them (empty ones too)."""
+    """WikiText-2's raw test rows as the `datasets` library gives them (empty rows too)."""
     return rows_from_raw(read_text_file(bundled_file(WIKITEXT2_TEST)))
 
 
@@ -43,11 +43,15 @@ def bundled_texts(name: str, purpose: str) -> list[str]:
         return read_jsonl_field(bundled_file(WIKIPEDIA_CALIBRATION), "text")
     if name == "wikipedia-heldout":
         if purpose == "calibration":
-            raise QuantkitError("'wikipedia-heldout' is evaluation text and never calibration "
-                                "data (calibrating on it would leak the test set into the model): "
-                                "calibrate on 'wikipedia' or 'wikitext2'")
+            raise QuantkitError(
+                "'wikipedia-heldout' is evaluation text and never calibration "
+                "data (calibrating on it would leak the test set into the model): "
+                "calibrate on 'wikipedia' or 'wikitext2'"
+            )
         return read_jsonl_field(bundled_file(WIKIPEDIA_HELDOUT), "text")
-    raise QuantkitError(f"unknown bundled dataset {name!r}: use one of {', '.join(BUNDLED_DATASETS)}")
+    raise QuantkitError(
+        f"unknown bundled dataset {name!r}: use one of {', '.join(BUNDLED_DATASETS)}"
+    )
 
 
 def check_purpose(purpose: str) -> None:

@@ -21,8 +21,10 @@ def evaluation_text(name: str = "wikitext2") -> str:
     if name == "wikitext2":
         return "\n\n".join(wikitext2_test_rows())
     if name == "wikipedia":
-        raise QuantkitError("'wikipedia' is calibration text (and the bundled models' training "
-                            "text): evaluate on 'wikitext2' or 'wikipedia-heldout'")
+        raise QuantkitError(
+            "'wikipedia' is calibration text (and the bundled models' training "
+            "text): evaluate on 'wikitext2' or 'wikipedia-heldout'"
+        )
     path = Path(name).expanduser()
     if path.is_file() and path.name.lower().endswith(".txt"):
         text = read_text_file(path)

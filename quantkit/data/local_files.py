@@ -20,12 +20,14 @@ def read_local_texts(path: Path, text_field: str, split: str | None) -> list[str
     if path.is_dir():
         return _read_saved_dataset(path, text_field, split)
     if split is not None:
-        raise QuantkitError(f"{path} is a single file: a split ({split!r}) applies only to "
-                            "datasets folders and hub datasets; leave it out")
+        raise QuantkitError(
+            f"{path} is a single file: a split ({split!r}) applies only to "
+            "datasets folders and hub datasets; leave it out"
+        )
     name = path.name.lower()
     if name.endswith(".txt"):
         return [read_text_file(path)]
-    if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
+    if name.endswith((".jsonl", ".jsonl.gz")):
         return read_jsonl_field(path, text_field)
     if name.endswith(".parquet"):
         return _read_parquet_column(path, text_field)
@@ -36,7 +38,9 @@ def read_text_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise QuantkitError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise QuantkitError(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
 
 
 def read_jsonl_field(path: Path, field: str) -> list[str]:
@@ -56,8 +60,10 @@ def _field_of_line(path: Path, number: int, line: str, field: str) -> str:
     except json.JSONDecodeError as exc:
         raise QuantkitError(f"{path} line {number} is not valid JSON ({exc.msg})") from None
     if not isinstance(record, dict) or field not in record:
-        raise QuantkitError(f"{path} line {number} has no field {field!r}: "
-                            "pass the name of the text field (text_field / --text-field)")
+        raise QuantkitError(
+            f"{path} line {number} has no field {field!r}: "
+            "pass the name of the text field (text_field / --text-field)"
+        )
     if not isinstance(record[field], str):
         raise QuantkitError(f"{path} line {number}: field {field!r} is not a string")
     return record[field]
@@ -68,8 +74,10 @@ def _read_parquet_column(path: Path, column: str) -> list[str]:
 
     names = pq.read_schema(path).names
     if column not in names:
-        raise QuantkitError(f"{path} has no column {column!r} (columns: {', '.join(names)}): "
-                            "pass the name of the text column (text_field / --text-field)")
+        raise QuantkitError(
+            f"{path} has no column {column!r} (columns: {', '.join(names)}): "
+            "pass the name of the text column (text_field / --text-field)"
+        )
     values = pq.read_table(path, columns=[column]).column(column).to_pylist()
     if not all(isinstance(value, str) or value is None for value in values):
         raise QuantkitError(f"{path}: column {column!r} does not hold strings")
@@ -82,6 +90,8 @@ def _read_saved_dataset(path: Path, text_field: str, split: str | None) -> list[
     try:
         dataset = load_from_disk(str(path))
     except FileNotFoundError:
-        raise QuantkitError(f"{path} is a folder but not a datasets folder saved with "
-                            f"save_to_disk; use {SUPPORTED_FILES}") from None
+        raise QuantkitError(
+            f"{path} is a folder but not a datasets folder saved with "
+            f"save_to_disk; use {SUPPORTED_FILES}"
+        ) from None
     return texts_from_dataset(dataset, text_field, split, where=str(path))

@@ -1,8 +1,8 @@
 """Where the bundled `calibration_data/` folder lives.
 
 Lookup order:
-1. ``$QUANTKIT_DATA_DIR`` when set — a copy of the folder; needed when quantkit is installed from a
-   wheel, which does not carry the repository's top-level ``calibration_data/``;
+1. ``$QUANTKIT_DATA_DIR`` when set — a copy of the folder; needed when quantkit is installed
+   from a wheel, which does not carry the repository's top-level ``calibration_data/``;
 2. ``calibration_data/`` at the root of the source checkout this package was imported from
    (running from the repository, or an editable install).
 """
@@ -24,19 +24,25 @@ def calibration_data_dir() -> Path:
     if override:
         folder = Path(override).expanduser()
         if not folder.is_dir():
-            raise QuantkitError(f"${DATA_DIR_ENV} points to {folder}, which is not a folder: "
-                                "set it to a copy of the repository's calibration_data/ folder")
+            raise QuantkitError(
+                f"${DATA_DIR_ENV} points to {folder}, which is not a folder: "
+                "set it to a copy of the repository's calibration_data/ folder"
+            )
         return folder
     if CHECKOUT_DATA_DIR.is_dir():
         return CHECKOUT_DATA_DIR
-    raise QuantkitError(f"the bundled calibration_data/ folder is not at {CHECKOUT_DATA_DIR}: "
-                        f"set ${DATA_DIR_ENV} to a copy of the repository's calibration_data/ folder")
+    raise QuantkitError(
+        f"the bundled calibration_data/ folder is not at {CHECKOUT_DATA_DIR}: "
+        f"set ${DATA_DIR_ENV} to a copy of the repository's calibration_data/ folder"
+    )
 
 
 def bundled_file(relative: str) -> Path:
     """A file inside the bundled folder, which must exist."""
     path = calibration_data_dir() / relative
     if not path.is_file():
-        raise QuantkitError(f"bundled data file {path} is missing: rebuild the folder with "
-                            "scripts/make_calibration_data.py or fix $" + DATA_DIR_ENV)
+        raise QuantkitError(
+            f"bundled data file {path} is missing: rebuild the folder with "
+            "scripts/make_calibration_data.py or fix $" + DATA_DIR_ENV
+        )
     return path

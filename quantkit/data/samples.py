@@ -8,8 +8,15 @@ from quantkit.data.sources import load_texts
 from quantkit.errors import QuantkitError
 
 
-def calibration_samples(tokenizer, source: str = "wikipedia", *, num_samples: int = 128,
-                        seq_len: int = 512, seed: int = 0, text_field: str = "text") -> torch.Tensor:
+def calibration_samples(
+    tokenizer,
+    source: str = "wikipedia",
+    *,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    text_field: str = "text",
+) -> torch.Tensor:
     """A LongTensor (num_samples, seq_len) of windows drawn at distinct random offsets.
 
     The documents are tokenized without special tokens and concatenated with the tokenizer's EOS
@@ -20,7 +27,9 @@ def calibration_samples(tokenizer, source: str = "wikipedia", *, num_samples: in
         raise QuantkitError(f"num_samples must be at least 1 (got {num_samples})")
     if seq_len < 2:
         raise QuantkitError(f"seq_len must be at least 2 (got {seq_len})")
-    stream = token_stream(tokenizer, load_texts(source, purpose="calibration", text_field=text_field))
+    stream = token_stream(
+        tokenizer, load_texts(source, purpose="calibration", text_field=text_field)
+    )
     return random_windows(stream, num_samples, seq_len, seed, source)
 
 
@@ -36,15 +45,18 @@ def token_stream(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def random_windows(stream: torch.Tensor, num_samples: int, seq_len: int, seed: int,
-                   source: str) -> torch.Tensor:
+def random_windows(
+    stream: torch.Tensor, num_samples: int, seq_len: int, seed: int, source: str
+) -> torch.Tensor:
     """`num_samples` windows of `seq_len` tokens starting at distinct random offsets."""
     offsets = len(stream) - seq_len + 1
     if offsets < num_samples:
         needed = seq_len + num_samples - 1
-        raise QuantkitError(f"calibration text {source!r} has {len(stream):,} tokens but "
-                            f"{num_samples} distinct windows of {seq_len} tokens need at least "
-                            f"{needed:,}: use fewer samples, a shorter seq_len or more text")
+        raise QuantkitError(
+            f"calibration text {source!r} has {len(stream):,} tokens but "
+            f"{num_samples} distinct windows of {seq_len} tokens need at least "
+            f"{needed:,}: use fewer samples, a shorter seq_len or more text"
+        )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randperm(offsets, generator=generator)[:num_samples]
     return stream[starts.unsqueeze(1) + torch.arange(seq_len)]

@@ -16,8 +16,9 @@ from quantkit.errors import QuantkitError
 _FILE_SUFFIXES = (".txt", ".jsonl", ".gz", ".json", ".parquet", ".arrow", ".csv")
 
 
-def load_texts(source: str, *, purpose: str = "calibration", text_field: str = "text",
-               split: str | None = None) -> list[str]:
+def load_texts(
+    source: str, *, purpose: str = "calibration", text_field: str = "text", split: str | None = None
+) -> list[str]:
     """The non-blank documents of `source`; `purpose="calibration"` never yields evaluation text.
 
     `text_field` names the text column of .jsonl/.parquet/`datasets` sources; `split` picks a split
@@ -26,22 +27,27 @@ def load_texts(source: str, *, purpose: str = "calibration", text_field: str = "
     check_purpose(purpose)
     if source in BUNDLED_DATASETS:
         if split is not None:
-            raise QuantkitError(f"bundled dataset {source!r} has fixed splits (calibration or "
-                                f"evaluation); leave out the split ({split!r})")
+            raise QuantkitError(
+                f"bundled dataset {source!r} has fixed splits (calibration or "
+                f"evaluation); leave out the split ({split!r})"
+            )
         texts = bundled_texts(source, purpose)
     else:
         path = Path(source).expanduser()
         if path.exists():
             texts = read_local_texts(path, text_field, split)
         elif _looks_like_path(source):
-            raise QuantkitError(f"no such file or folder: {source} (a text source is a bundled "
-                                f"name — {', '.join(BUNDLED_DATASETS)} — or {SUPPORTED_FILES})")
+            raise QuantkitError(
+                f"no such file or folder: {source} (a text source is a bundled "
+                f"name — {', '.join(BUNDLED_DATASETS)} — or {SUPPORTED_FILES})"
+            )
         else:
             texts = load_hub_texts(source, text_field, split)
     texts = [text for text in texts if text.strip()]
     if not texts:
-        raise QuantkitError(f"{source} holds no text in field {text_field!r}: every document is "
-                            "empty")
+        raise QuantkitError(
+            f"{source} holds no text in field {text_field!r}: every document is empty"
+        )
     return texts
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-# WikiText splits hyphens and number separators into their own tokens: "1 @,@ 000", "well @-@ known".
+# WikiText splits hyphens and number separators into tokens: "1 @,@ 000", "well @-@ known".
 _DETOKENIZE = ((" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."))
 _ARTICLE_HEADING = re.compile(r"^ = [^=].* = $")
 

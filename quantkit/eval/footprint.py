@@ -35,14 +35,19 @@ class Footprint:
 
 
 def footprint(model: nn.Module, path: str | None = None) -> Footprint:
-    return Footprint(parameters=logical_parameter_count(model),
-                     bytes_on_disk=checkpoint_bytes(path),
-                     bytes_in_memory=resident_bytes(model))
+    return Footprint(
+        parameters=logical_parameter_count(model),
+        bytes_on_disk=checkpoint_bytes(path),
+        bytes_in_memory=resident_bytes(model),
+    )
 
 
 def is_packed_linear(module: nn.Module) -> bool:
-    return (isinstance(getattr(module, "qweight", None), torch.Tensor)
-            and hasattr(module, "in_features") and hasattr(module, "out_features"))
+    return (
+        isinstance(getattr(module, "qweight", None), torch.Tensor)
+        and hasattr(module, "in_features")
+        and hasattr(module, "out_features")
+    )
 
 
 def logical_parameter_count(model: nn.Module) -> int:

@@ -35,10 +35,19 @@ class PerplexityResult:
 
 
 @torch.no_grad()
-def perplexity(model, tokenizer, text: str, *, seq_len: int = 512, batch_size: int = 4,
-               max_windows: int | None = None, device=None, progress: bool = True,
-               dataset: str = "") -> PerplexityResult:
-    """exp(mean window NLL) of `model` on `text`; `tokens` counts the tokens scored."""
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    *,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    max_windows: int | None = None,
+    device=None,
+    progress: bool = True,
+    dataset: str = "",
+) -> PerplexityResult:
+    """exp(mean window NLL) of `model` on `text`; `tokens` counts the windows' tokens."""
     _check_arguments(model, seq_len, batch_size, max_windows)
     windows = text_windows(tokenizer, text, seq_len, max_windows)
     device = torch.device(device) if device is not None else _model_device(model)
@@ -48,9 +57,16 @@ def perplexity(model, tokenizer, text: str, *, seq_len: int = 512, batch_size: i
         window_nlls = _window_nlls(model, windows, batch_size, device, progress)
     finally:
         model.train(was_training)
-    nll = window_nlls.mean().item()
-    return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=windows.numel(),
-                            windows=len(windows), seq_len=seq_len, dataset=dataset)
+    nll = window_nlls.double().mean().item()
+    ppl = math.exp(nll) if nll < 700 else math.inf  # exp overflows a float beyond ~709
+    return PerplexityResult(
+        perplexity=ppl,
+        nll=nll,
+        tokens=windows.numel(),
+        windows=len(windows),
+        seq_len=seq_len,
+        dataset=dataset,
+    )
 
 
 def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None) -> torch.Tensor:
@@ -58,8 +74,10 @@ def text_windows(tokenizer, text: str, seq_len: int, max_windows: int | None) ->
     ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
     count = len(ids) // seq_len
     if count == 0:
-        raise QuantkitError(f"the evaluation text has {len(ids):,} tokens, fewer than one window "
-                            f"of {seq_len}: use a shorter seq_len or a longer text")
+        raise QuantkitError(
+            f"the evaluation text has {len(ids):,} tokens, fewer than one window "
+            f"of {seq_len}: use a shorter seq_len or a longer text"
+        )
     if max_windows is not None:
         count = min(count, max_windows)
     return ids[: count * seq_len].view(count, seq_len)
@@ -74,8 +92,10 @@ def _check_arguments(model, seq_len: int, batch_size: int, max_windows: int | No
         raise QuantkitError(f"max_windows must be at least 1 (got {max_windows})")
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
-        raise QuantkitError(f"seq_len {seq_len} is longer than the model's context "
-                            f"(max_position_embeddings = {limit}): use --seq-len {limit} or less")
+        raise QuantkitError(
+            f"seq_len {seq_len} is longer than the model's context "
+            f"(max_position_embeddings = {limit}): use --seq-len {limit} or less"
+        )
 
 
 def _model_device(model) -> torch.device:
@@ -84,20 +104,29 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def _window_nlls(model, windows: torch.Tensor, batch_size: int, device, progress: bool) -> torch.Tensor:
+def _window_nlls(
+    model, windows: torch.Tensor, batch_size: int, device, progress: bool
+) -> torch.Tensor:
     from rich.console import Console
     from rich.progress import Progress
 
     console = Console()
     nlls = []
-    with Progress(console=console, transient=True,
-                  disable=not progress or not console.is_terminal) as bar:
+    with Progress(
+        console=console, transient=True, disable=not progress or not console.is_terminal
+    ) as bar:
         task = bar.add_task("perplexity", total=len(windows))
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
-            nlls.append(torch.stack([mean_next_token_nll(row_logits, row_ids)
-                                     for row_logits, row_ids in zip(logits, batch)]).cpu())
+            nlls.append(
+                torch.stack(
+                    [
+                        mean_next_token_nll(row_logits, row_ids)
+                        for row_logits, row_ids in zip(logits, batch)
+                    ]
+                ).cpu()
+            )
             bar.advance(task, len(batch))
     return torch.cat(nlls)
 

@@ -37,8 +37,9 @@ def atomic_output_dir(out: Path | str, overwrite: bool = False) -> Iterator[Path
         raise
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
+def check_output_dir(out: Path | str, overwrite: bool) -> None:
     """Refuse a destination that is a file, or a non-empty folder unless ``overwrite``."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise QuantkitError(
             f"output path '{out}' is a file; choose a folder path for the output"

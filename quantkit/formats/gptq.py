@@ -156,14 +156,16 @@ def gptq_quantization_config(
 def load_gptq_model(
     path: Path | str,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
 ) -> PreTrainedModel:
     """Build the model a GPTQ v1 folder describes, with ``QuantLinear`` for its quantized layers.
 
-    Non-quantized tensors are cast to ``dtype``; quantized layers keep their stored buffers and
-    compute in the dtype of their input. Shards (model.safetensors.index.json) are supported.
+    Non-quantized tensors are cast to ``dtype`` (a torch dtype, its name, or "auto": float32 on
+    the CPU, float16 elsewhere); quantized layers keep their stored buffers and compute in the
+    dtype of their input. Shards (model.safetensors.index.json) are supported.
     """
+    dtype = _resolve_dtype(dtype, device)
     qcfg = _read_gptq_config(path)
     tensors = read_safetensors(path)
     config = AutoConfig.from_pretrained(path)
@@ -179,6 +181,19 @@ def load_gptq_model(
         _install_quant_linear(model, name, tensors, qcfg)
     _load_remaining(model, tensors, dtype, path)
     return model.to(device).eval()
+
+
+def _resolve_dtype(dtype: torch.dtype | str, device: str | torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.float32 if torch.device(device).type == "cpu" else STORAGE_DTYPE
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise QuantkitError(
+            f"unknown dtype '{dtype}': use float32, float16, bfloat16 or auto"
+        )
+    return resolved
 
 
 def _check_quantized(

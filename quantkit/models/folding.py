@@ -14,7 +14,9 @@ from quantkit.models.adapters.base import LinearGroup, ModelAdapter
 from quantkit.models.adapters.linears import in_features, is_transposed, out_features
 
 
-def fold_input_scales(layer: nn.Module, group: LinearGroup, scales: torch.Tensor, adapter: ModelAdapter) -> None:
+def fold_input_scales(
+    layer: nn.Module, group: LinearGroup, scales: torch.Tensor, adapter: ModelAdapter
+) -> None:
     """Multiply the group's input channels by ``scales`` and divide ``group.prev``'s output by them.
 
     The decoder layer computes the same function afterwards, up to rounding. ``scales`` must be

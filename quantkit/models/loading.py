@@ -113,47 +113,55 @@ def load_model(
     offload_folder: str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM (bundled name, local folder or hub id; None means the bundled target)."""
-    path = resolve_model_path(model)
-    folder = Path(path)
-    raw_config = read_config_json(folder) if folder.is_dir() else None
-    if raw_config is not None:
-        get_adapter(raw_config["model_type"])  # fail fast, even for types transformers lacks
-    config = load_config(path, trust_remote_code)
-    adapter = get_adapter(config)
-    quantization_config = _quantization_config(raw_config, config)
+    """Load a causal LM (bundled name, local folder or hub id; None means the bundled target).
+
+    ``dtype="auto"`` loads float32 on the CPU (half-precision matmuls are slow or missing there)
+    and the checkpoint's dtype on an accelerator. ``device_map``/``offload_folder`` go to
+    accelerate through ``from_pretrained``; without them the model is moved to ``device``.
+    """
+    requested = parse_dtype(dtype)
     target = _checked_device(device)
     if offload_folder is not None and device_map is None:
         raise QuantkitError("offload_folder needs a device_map (for example 'auto')")
-    requested = parse_dtype(dtype)
+    path = resolve_model_path(model)
+    config, adapter = _checked_config(path, trust_remote_code)
+    quantization_config = _quantization_config(path, config)
     if quantization_config is not None:
-        if device_map is not None:
-            raise QuantkitError("device_map is not supported for quantized checkpoints; pass device instead")
-        resolved = requested if requested != "auto" else _auto_dtype(config, target.type == "cpu")
-        network = _load_quantized(path, quantization_config, resolved, str(target))
+        network = _load_quantized(path, quantization_config, requested, target, device_map, config)
     else:
-        on_cpu = target.type == "cpu" if device_map is None else _map_on_cpu(device_map)
-        resolved = torch.float32 if requested == "auto" and on_cpu else requested
-        network = _load_pretrained(path, resolved, device_map, offload_folder, trust_remote_code, folder.is_dir())
-        if device_map is None and target.type != "cpu":
-            network.to(target)
+        network = _load_pretrained(path, requested, target, device_map, offload_folder, trust_remote_code)
     network.eval()
     network.requires_grad_(False)
-    tokenizer = None if folder.is_dir() and not _has_tokenizer(folder) else load_tokenizer(path, trust_remote_code)
+    tokenizer = _tokenizer_if_any(path, trust_remote_code)
     return LoadedModel(network, tokenizer, path, adapter, quantization_config)
+
+
+def _checked_config(path: str, trust_remote_code: bool) -> tuple[PretrainedConfig, ModelAdapter]:
+    """The config and its adapter, found before any weight is read."""
+    if Path(path).is_dir():
+        # Fail fast, even for model types transformers itself does not know.
+        get_adapter(read_config_json(Path(path))["model_type"])
+    config = load_config(path, trust_remote_code)
+    return config, get_adapter(config)
 
 
 def _load_pretrained(
     path: str,
-    dtype: torch.dtype | str,
+    requested: torch.dtype | str,
+    target: torch.device,
     device_map: str | dict | None,
     offload_folder: str | None,
     trust_remote_code: bool,
-    is_local: bool,
 ) -> PreTrainedModel:
+    is_local = Path(path).is_dir()
     if is_local and not _has_weights(Path(path)):
         raise QuantkitError(f"'{path}' has no weights: expected model.safetensors (or a sharded index)")
-    options: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "output_loading_info": True}
+    on_cpu = target.type == "cpu" if device_map is None else _map_on_cpu(device_map)
+    options: dict[str, Any] = {
+        "dtype": torch.float32 if requested == "auto" and on_cpu else requested,
+        "trust_remote_code": trust_remote_code,
+        "output_loading_info": True,
+    }
     if device_map is not None:
         options["device_map"] = device_map
     if offload_folder is not None:
@@ -161,32 +169,57 @@ def _load_pretrained(
     try:
         network, info = AutoModelForCausalLM.from_pretrained(path, **options)
     except OSError as error:
-        if is_local:
-            raise QuantkitError(f"could not load the weights in '{path}': {_one_line(error)}") from error
-        raise _unreachable(path, error) from error
+        if not is_local:
+            raise _unreachable(path, error) from error
+        raise QuantkitError(f"could not load the weights in '{path}': {_one_line(error)}") from error
     except (SafetensorError, RuntimeError, ValueError) as error:
         raise QuantkitError(f"could not load the weights in '{path}': {_one_line(error)}") from error
-    missing = sorted(info.get("missing_keys") or ())
-    if missing:
-        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
-        raise QuantkitError(f"'{path}' lacks {len(missing)} weight tensor(s) the model needs: {shown}")
+    _check_nothing_missing(path, info)
+    if device_map is None and target.type != "cpu":
+        network.to(target)
     return network
 
 
-def _load_quantized(path: str, quantization_config: dict, dtype: torch.dtype, device: str) -> PreTrainedModel:
+def _check_nothing_missing(path: str, loading_info: dict) -> None:
+    """transformers fills missing tensors with random values and only warns; quantkit refuses."""
+    missing = sorted(loading_info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise QuantkitError(f"'{path}' lacks {len(missing)} weight tensor(s) the model needs: {shown}")
+
+
+def _load_quantized(
+    path: str,
+    quantization_config: dict,
+    requested: torch.dtype | str,
+    target: torch.device,
+    device_map: str | dict | None,
+    config: PretrainedConfig,
+) -> PreTrainedModel:
     method = str(quantization_config.get("quant_method", "")).lower()
     if method not in QUANTKIT_QUANT_METHODS:
         raise QuantkitError(
             f"'{path}' is quantized with '{method}', which quantkit cannot load; "
             f"it reads: {', '.join(QUANTKIT_QUANT_METHODS)}"
         )
+    if device_map is not None:
+        raise QuantkitError("device_map is not supported for quantized checkpoints; pass device instead")
+    dtype = requested if requested != "auto" else _auto_dtype(config, target.type == "cpu")
     from quantkit.formats import load_quantized_model  # heavy, and only for quantized folders
 
-    return load_quantized_model(path, dtype=dtype, device=device)
+    return load_quantized_model(path, dtype=dtype, device=str(target))
 
 
-def _quantization_config(raw_config: dict | None, config: PretrainedConfig) -> dict | None:
-    found = raw_config.get("quantization_config") if raw_config is not None else None
+def _tokenizer_if_any(path: str, trust_remote_code: bool) -> PreTrainedTokenizerBase | None:
+    if Path(path).is_dir() and not _has_tokenizer(Path(path)):
+        return None
+    return load_tokenizer(path, trust_remote_code)
+
+
+def _quantization_config(path: str, config: PretrainedConfig) -> dict | None:
+    """quantization_config as config.json states it (the config object may have parsed it)."""
+    folder = Path(path)
+    found = read_config_json(folder).get("quantization_config") if folder.is_dir() else None
     if found is None:
         found = getattr(config, "quantization_config", None)
     if found is not None and not isinstance(found, dict):
@@ -210,7 +243,9 @@ def _checked_device(device: str) -> torch.device:
     except (RuntimeError, TypeError) as error:
         raise QuantkitError(f"unknown device '{device}'; use cpu, cuda or cuda:N") from error
     if target.type == "cuda" and not torch.cuda.is_available():
-        raise QuantkitError(f"device '{device}' was asked for, but CUDA is not available here; use --device cpu")
+        raise QuantkitError(
+            f"device '{device}' was asked for, but CUDA is not available here; use --device cpu"
+        )
     return target
 
 

@@ -59,9 +59,8 @@ class QuantLinear(nn.Module):
         self.register_buffer(
             "scales", torch.zeros(n_groups, out_features, dtype=dtype, device=device)
         )
-        column_group = torch.arange(in_features, device=device) // (
-            in_features if group_size == -1 else group_size
-        )
+        span = in_features if group_size == -1 else group_size
+        column_group = torch.arange(in_features, device=device) // span
         self.register_buffer("g_idx", column_group.to(torch.int32))
         if bias:
             self.register_buffer(
@@ -100,9 +99,8 @@ class QuantLinear(nn.Module):
     def dequantize_weight(self) -> torch.Tensor:
         """The weight (out, in) in float32, unpacked from the buffers (reference path)."""
         codes = unpack_rows(self.qweight, self.bits)  # (in, out)
-        zeros = (
-            unpack_cols(self.qzeros, self.bits) + 1
-        )  # (n_groups, out), v1 stores zero - 1
+        # (n_groups, out); GPTQ v1 stores zero - 1
+        zeros = unpack_cols(self.qzeros, self.bits) + 1
         groups = self.g_idx.long()
         shifted = (codes - zeros[groups]).to(torch.float32)
         return (self.scales[groups].to(torch.float32) * shifted).t()
@@ -124,13 +122,8 @@ class QuantLinear(nn.Module):
         # its small footprint until a fused kernel replaces this path.
         if x.device.type != "cpu":
             return self.dequantize_weight().to(device=x.device, dtype=x.dtype)
-        key = (
-            x.dtype,
-            *(
-                t.data_ptr()
-                for t in (self.qweight, self.qzeros, self.scales, self.g_idx)
-            ),
-        )
+        buffers = (self.qweight, self.qzeros, self.scales, self.g_idx)
+        key = (x.dtype, *(buffer.data_ptr() for buffer in buffers))
         if self._cache_key != key:
             self._cached_weight = self.dequantize_weight().to(x.dtype)
             self._cache_key = key

@@ -42,4 +42,6 @@ class GPT2Adapter(ModelAdapter):
         width = attention.c_proj.nx
         if attention.c_attn.nf != 3 * width:
             return no_fold("attn_out", ("attn.c_proj",))
-        return LinearGroup("attn_out", ("attn.c_proj",), "attn.c_attn", "linear_slice", (2 * width, 3 * width))
+        return LinearGroup(
+            "attn_out", ("attn.c_proj",), "attn.c_attn", "linear_slice", (2 * width, 3 * width)
+        )

@@ -48,7 +48,10 @@ class LlamaAdapter(ModelAdapter):
         return layer.self_attn
 
     def norms(self, layer: nn.Module) -> dict[str, nn.Module]:
-        return {"input_layernorm": layer.input_layernorm, "post_attention_layernorm": layer.post_attention_layernorm}
+        return {
+            "input_layernorm": layer.input_layernorm,
+            "post_attention_layernorm": layer.post_attention_layernorm,
+        }
 
     def linear_groups(self, layer: nn.Module) -> list[LinearGroup]:
         return [

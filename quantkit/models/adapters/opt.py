@@ -30,17 +30,23 @@ class OPTAdapter(ModelAdapter):
         return layer.self_attn
 
     def norms(self, layer: nn.Module) -> dict[str, nn.Module]:
-        return {"self_attn_layer_norm": layer.self_attn_layer_norm, "final_layer_norm": layer.final_layer_norm}
+        return {
+            "self_attn_layer_norm": layer.self_attn_layer_norm,
+            "final_layer_norm": layer.final_layer_norm,
+        }
 
     def linear_groups(self, layer: nn.Module) -> list[LinearGroup]:
         attn_in = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-        norms_first = getattr(layer, "do_layer_norm_before", True)
-        return [
-            LinearGroup("attn_in", attn_in, "self_attn_layer_norm", "norm") if norms_first else no_fold("attn_in", attn_in),
-            self._attention_output(layer.self_attn),
-            LinearGroup("mlp_in", ("fc1",), "final_layer_norm", "norm") if norms_first else no_fold("mlp_in", ("fc1",)),
-            LinearGroup("mlp_out", ("fc2",), "fc1", "linear") if isinstance(layer.activation_fn, nn.ReLU) else no_fold("mlp_out", ("fc2",)),
-        ]
+        if getattr(layer, "do_layer_norm_before", True):
+            attention_input = LinearGroup("attn_in", attn_in, "self_attn_layer_norm", "norm")
+            mlp_input = LinearGroup("mlp_in", ("fc1",), "final_layer_norm", "norm")
+        else:  # norms after the residual add: they feed no group
+            attention_input, mlp_input = no_fold("attn_in", attn_in), no_fold("mlp_in", ("fc1",))
+        if isinstance(layer.activation_fn, nn.ReLU):
+            mlp_output = LinearGroup("mlp_out", ("fc2",), "fc1", "linear")
+        else:
+            mlp_output = no_fold("mlp_out", ("fc2",))
+        return [attention_input, self._attention_output(layer.self_attn), mlp_input, mlp_output]
 
     @staticmethod
     def _attention_output(attention: nn.Module) -> LinearGroup:

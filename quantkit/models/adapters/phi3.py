@@ -35,4 +35,6 @@ class Phi3Adapter(LlamaAdapter):
         width = attention.o_proj.in_features  # num_heads * head_dim
         if attention.qkv_proj.out_features != 3 * width:  # grouped-query attention
             return no_fold("attn_out", ("self_attn.o_proj",))
-        return LinearGroup("attn_out", ("self_attn.o_proj",), "self_attn.qkv_proj", "linear_slice", (2 * width, 3 * width))
+        return LinearGroup(
+            "attn_out", ("self_attn.o_proj",), "self_attn.qkv_proj", "linear_slice", (2 * width, 3 * width)
+        )
