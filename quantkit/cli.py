@@ -159,13 +159,15 @@ def main() -> None:
         console.print("aborted")
         sys.exit(1)
     except Exception as error:  # noqa: BLE001 - the last line of defence for bugs
-        import click
-
-        if isinstance(error, click.exceptions.ClickException):
+        if _is_usage_error(error):  # click's exceptions (typer may ship its own copy of click)
             error.show()
             sys.exit(error.exit_code)
         _fail(error, f"internal error: {type(error).__name__}: {error} (rerun with --debug for the traceback)",
               code=1)
+
+
+def _is_usage_error(error: Exception) -> bool:
+    return any(cls.__name__ == "ClickException" for cls in type(error).__mro__)
 
 
 def _quiet_libraries() -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quantkit.formats.atomic import check_output_dir
-from quantkit.pipeline import LayerReport, PipelineResult, quantize_model
+from quantkit.pipeline import LayerReport, PipelineResult, check_recipe_fits, quantize_model
 from quantkit.recipe import Recipe
 
 
@@ -45,6 +45,7 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
 
         method = loaded.quantization_config.get("quant_method", "?")
         raise QuantkitError(f"'{loaded.path}' is already quantized ({method}); start from a float checkpoint")
+    check_recipe_fits(loaded.model, loaded.adapter, recipe)
     num_layers = len(loaded.adapter.decoder_layers(loaded.model))
     if on_start is not None:
         on_start(num_layers)

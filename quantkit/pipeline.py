@@ -20,6 +20,7 @@ from torch import nn
 
 from quantkit.models.adapters import ModelAdapter
 from quantkit.quant.rtn import QuantizedWeight, rtn_quantize
+from quantkit.quant.scheme import check_group_size
 from quantkit.quant.weights import set_weight_out_in, weight_out_in
 from quantkit.recipe import Recipe, WeightQuantStep
 
@@ -41,6 +42,19 @@ class PipelineResult:
     quantized: dict[str, QuantizedWeight]
     layers: list[LayerReport]
     skipped: list[str]
+
+
+def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> None:
+    """Fail before any work when a step cannot apply to some layer (a group size that does not divide it)."""
+    (step,) = recipe.steps
+    scheme = step.quant_scheme()
+    prefix = adapter.layer_prefix(model)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for group in adapter.linear_groups(layer):
+            for relative in group.linears:
+                name = f"{prefix}.{index}.{relative}"
+                if not scheme.is_ignored(name):
+                    check_group_size(weight_out_in(layer.get_submodule(relative)).shape[1], scheme.group_size, name)
 
 
 def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, device: str | torch.device = "cpu",

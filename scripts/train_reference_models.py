@@ -206,9 +206,14 @@ def unigram_perplexity(train_tokens: torch.Tensor, eval_ids: torch.Tensor, vocab
 
 
 def wikitext2_test(path: Path) -> str:
-    """Rows of the WikiText-2 test split joined by blank lines (one row per line in the raw file)."""
-    rows = path.read_text(encoding="utf-8").split("\n")
-    return "\n\n".join("" if row == " " else row for row in rows)
+    """The WikiText-2 test rows joined by blank lines, as `quantkit eval` reads them.
+
+    Each line of the raw file is one dataset row without its trailing newline; a lone space
+    stands for an empty row (calibration_data/README.md)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return "\n\n".join("" if line == " " else line + "\n" for line in lines)
 
 
 def save_model(model, tokenizer, out_dir: Path) -> None:
