@@ -2,16 +2,16 @@
 
 ``nn.Linear`` stores its weight as (out, in); transformers' GPT-2 ``Conv1D`` stores it transposed,
 as (in, out). Quantization code works on (out, in) only and goes through these two functions, so
-this is the one place in ``quantkit.quant`` that knows about the orientation.
+with ``quantkit.models.adapters.linears`` (which says which modules are stored transposed) the
+only places that know about the orientation.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
-
 from quantkit.errors import QuantkitError
+from quantkit.models.adapters.linears import is_linear_like, is_transposed
 from quantkit.quant.linear import QuantLinear
 
 
@@ -19,21 +19,17 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     """The weight as (out, in): a detached view for float layers, a dequantized copy for QuantLinear."""
     if isinstance(module, QuantLinear):
         return module.dequantize_weight()
-    if isinstance(module, Conv1D):
-        return module.weight.detach().t()
-    if isinstance(module, nn.Linear):
-        return module.weight.detach()
-    raise QuantkitError(_unsupported(module))
+    if not is_linear_like(module):
+        raise QuantkitError(_unsupported(module))
+    weight = module.weight.detach()
+    return weight.t() if is_transposed(module) else weight
 
 
 def set_weight_out_in(module: nn.Module, weight: torch.Tensor) -> None:
     """Copy ``weight`` (out, in) into the module's weight, converting dtype and orientation."""
-    if isinstance(module, Conv1D):
-        target = module.weight.data.t()
-    elif isinstance(module, nn.Linear):
-        target = module.weight.data
-    else:
+    if not is_linear_like(module):
         raise QuantkitError(_unsupported(module))
+    target = module.weight.data.t() if is_transposed(module) else module.weight.data
     if tuple(weight.shape) != tuple(target.shape):
         raise ValueError(
             f"weight shape {tuple(weight.shape)} does not match the layer's (out, in) "

@@ -7,7 +7,6 @@ from quantkit.models.adapters.linears import (
     is_transposed,
     linear_modules,
     out_features,
-    weight_out_by_in,
 )
 from quantkit.models.adapters.registry import SUPPORTED_MODEL_TYPES, get_adapter
 
@@ -21,5 +20,4 @@ __all__ = [
     "is_transposed",
     "linear_modules",
     "out_features",
-    "weight_out_by_in",
 ]

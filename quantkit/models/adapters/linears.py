@@ -6,7 +6,6 @@ these helpers answer that for both kinds.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -31,11 +30,6 @@ def in_features(module: nn.Module) -> int:
 def out_features(module: nn.Module) -> int:
     """Number of output channels of a linear-like module."""
     return module.nf if is_transposed(module) else module.out_features
-
-
-def weight_out_by_in(module: nn.Module) -> torch.Tensor:
-    """The weight as an (out_features, in_features) view, whichever way the module stores it."""
-    return module.weight.t() if is_transposed(module) else module.weight
 
 
 def linear_modules(model: nn.Module, adapter: ModelAdapter) -> dict[str, nn.Module]:
