@@ -56,12 +56,24 @@ def quantize(
     scheme: Annotated[str, typer.Option(help="Weight scheme: w8a16, w4a16, w3a16, w2a16.")] = "w4a16",
     group_size: Annotated[int, typer.Option(help="Input channels per scale: 32, 64, 128, ..., or -1 per channel.")] = 128,
     symmetric: Annotated[bool, typer.Option("--sym/--asym", help="Symmetric (no zero point) or asymmetric.")] = True,
-    method: Annotated[str, typer.Option(help="Quantization algorithm.")] = "rtn",
+    method: Annotated[str, typer.Option(help="Algorithm: rtn, gptq or awq.")] = "rtn",
+    fmt: Annotated[str, typer.Option("--format", help="Checkpoint layout: gptq, awq or compressed-tensors.")] = "gptq",
     ignore: Annotated[Optional[list[str]], typer.Option(
         help="Layers to keep in 16-bit (name, suffix or re:<regex>); repeatable. Default: lm_head.")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (see recipes/); replaces the scheme options.")] = None,
+    act_order: Annotated[Optional[bool], typer.Option(
+        "--act-order/--no-act-order", help="GPTQ: quantize columns by decreasing activation energy (desc_act).")] = None,
+    damp_percent: Annotated[Optional[float], typer.Option(help="GPTQ: Hessian dampening, a fraction of its mean diagonal.")] = None,
+    dataset: Annotated[str, typer.Option(
+        help="Calibration text (gptq, awq): wikipedia, wikitext2, a local .txt/.jsonl/.parquet file or datasets folder.")] = "wikipedia",
+    num_samples: Annotated[int, typer.Option(help="Calibration samples.")] = 128,
+    calib_seq_len: Annotated[int, typer.Option(help="Tokens per calibration sample.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for drawing calibration samples.")] = 0,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (see recipes/); replaces the options above.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     device: Annotated[str, typer.Option(help="Device for the working layer: cpu, cuda, cuda:1, ...")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Calibration samples per forward pass.")] = 8,
+    offload_activations: Annotated[bool, typer.Option(
+        help="Keep calibration activations in CPU memory (for models whose activations do not fit the GPU).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Quantize a model as a recipe says and write a checkpoint that vLLM and transformers load."""
@@ -70,26 +82,34 @@ def quantize(
     if recipe is not None:
         plan = load_recipe(recipe)
     else:
+        options = {k: v for k, v in (("act_order", act_order), ("damp_percent", damp_percent)) if v is not None}
+        calibration = {"dataset": dataset, "num_samples": num_samples, "seq_len": calib_seq_len, "seed": seed}
         plan = weight_quant_recipe(scheme, group_size=group_size, symmetric=symmetric, method=method,
-                                   ignore=tuple(ignore) if ignore else ("lm_head",))
-    result = _run_compress(model, plan, output, overwrite, device, show_progress=not as_json)
+                                   ignore=tuple(ignore) if ignore else ("lm_head",), fmt=fmt, options=options,
+                                   calibration=calibration)
+    result = _run_compress(model, plan, output, overwrite, device, batch_size, offload_activations,
+                           show_progress=not as_json)
+    layers = result.pipeline.layers
     summary = {
         "model": result.model_path, "output": str(result.output), "recipe": plan.to_dict(),
         "quantized_layers": len(result.pipeline.quantized), "skipped_layers": result.pipeline.skipped,
-        "seconds": round(result.seconds, 3),
-        "max_relative_weight_error": max((r.max_error for r in result.pipeline.layers), default=0.0),
+        "seconds": round(result.seconds, 3), "calibration_tokens": result.calibration_tokens,
+        "max_relative_weight_error": max((r.max_error for r in layers), default=0.0),
+        "layer_output_errors": [r.output_error for r in layers] if plan.needs_calibration else None,
+        "peak_device_bytes": result.pipeline.peak_device_bytes,
     }
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     out = Console()
-    out.print(f"[bold green]wrote[/] {result.output}  ({len(result.pipeline.quantized)} layers quantized, "
-              f"{plan.steps[0].quant_scheme().name}, {result.seconds:.1f}s)")
+    step = plan.steps[0]
+    out.print(f"[bold green]wrote[/] {result.output}  ({len(result.pipeline.quantized)} layers, {step.method} "
+              f"{step.quant_scheme().name}, {plan.format} layout, {result.seconds:.1f}s)", soft_wrap=True)
     out.print(f"compare with: quantkit eval {result.output} --baseline {model or 'quantkit-target'}",
               soft_wrap=True)
 
 
-def _run_compress(model, plan, output, overwrite, device, show_progress: bool):
+def _run_compress(model, plan, output, overwrite, device, batch_size, offload_activations, show_progress: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from quantkit.compress import compress
@@ -103,12 +123,14 @@ def _run_compress(model, plan, output, overwrite, device, show_progress: bool):
         task["id"] = progress.add_task("layers", total=num_layers, detail="")
 
     def on_layer(report) -> None:
-        progress.update(task["id"], advance=1,
-                        detail=f"layer {report.index}: max rel. weight error {report.max_error:.4f}")
+        detail = f"layer {report.index}: weight error {report.max_error:.4f}"
+        if report.output_error is not None:
+            detail += f", output error {report.output_error:.4f}"
+        progress.update(task["id"], advance=1, detail=detail)
 
     with progress:
-        return compress(model, plan, output, overwrite=overwrite, device=device, on_start=on_start,
-                        on_layer=on_layer)
+        return compress(model, plan, output, overwrite=overwrite, device=device, batch_size=batch_size,
+                        offload_activations=offload_activations, on_start=on_start, on_layer=on_layer)
 
 
 @app.command("eval")

@@ -10,6 +10,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from quantkit.errors import QuantkitError
 from quantkit.formats.atomic import check_output_dir
 from quantkit.pipeline import LayerReport, PipelineResult, check_recipe_fits, quantize_model
 from quantkit.recipe import Recipe
@@ -23,35 +26,62 @@ class CompressResult:
     pipeline: PipelineResult
     seconds: float
     num_layers: int
+    calibration_tokens: int
 
 
 def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite: bool = False,
-             device: str = "cpu", on_start: Callable[[int], None] | None = None,
+             device: str = "cpu", batch_size: int = 8, offload_activations: bool = False,
+             on_start: Callable[[int], None] | None = None,
              on_layer: Callable[[LayerReport], None] | None = None) -> CompressResult:
     """Quantize ``model`` (a bundled name, folder or hub id; None = bundled target) into ``output``.
 
     The output folder is checked before any work starts and written atomically at the end, so a
     failure leaves nothing behind. ``on_start`` receives the number of decoder layers.
     """
-    from quantkit.formats.gptq import save_gptq
+    from quantkit.formats import save_checkpoint
     from quantkit.models.loading import load_model
 
     output = Path(output)
     check_output_dir(output, overwrite)
+    _check_device(device)
     started = time.perf_counter()
     loaded = load_model(model, dtype="auto", device="cpu")
     if loaded.quantization_config is not None:
-        from quantkit.errors import QuantkitError
-
         method = loaded.quantization_config.get("quant_method", "?")
         raise QuantkitError(f"'{loaded.path}' is already quantized ({method}); start from a float checkpoint")
     check_recipe_fits(loaded.model, loaded.adapter, recipe)
+    samples = _calibration_samples(loaded, recipe) if recipe.needs_calibration else None
     num_layers = len(loaded.adapter.decoder_layers(loaded.model))
     if on_start is not None:
         on_start(num_layers)
-    result = quantize_model(loaded.model, loaded.adapter, recipe, device=device, on_layer=on_layer)
+    result = quantize_model(loaded.model, loaded.adapter, recipe, device=device, samples=samples,
+                            batch_size=batch_size, offload_activations=offload_activations, on_layer=on_layer)
     (step,) = recipe.steps
-    save_gptq(loaded.model, loaded.tokenizer, result.quantized, step.quant_scheme(), output,
-              overwrite=overwrite, algorithm_config={"method": step.method, "recipe": recipe.name})
+    save_checkpoint(recipe.format, loaded.model, loaded.tokenizer, result.quantized, step.quant_scheme(), output,
+                    overwrite=overwrite, algorithm_config={"method": step.method, "recipe": recipe.name,
+                                                           **dict(step.options)})
     return CompressResult(output=output, model_path=loaded.path, recipe=recipe, pipeline=result,
-                          seconds=time.perf_counter() - started, num_layers=num_layers)
+                          seconds=time.perf_counter() - started, num_layers=num_layers,
+                          calibration_tokens=0 if samples is None else samples.numel())
+
+
+def _calibration_samples(loaded, recipe: Recipe) -> torch.Tensor:
+    from quantkit.data import calibration_samples
+
+    cfg = recipe.calibration
+    if loaded.tokenizer is None:
+        raise QuantkitError(f"'{loaded.path}' has no tokenizer files; calibration needs the model's tokenizer")
+    context = getattr(loaded.model.config, "max_position_embeddings", None)
+    if context is not None and cfg.seq_len > context:
+        raise QuantkitError(f"calibration.seq_len {cfg.seq_len} is longer than the model's context ({context})")
+    return calibration_samples(loaded.tokenizer, cfg.dataset, num_samples=cfg.num_samples, seq_len=cfg.seq_len,
+                               seed=cfg.seed, text_field=cfg.text_field)
+
+
+def _check_device(device: str) -> None:
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise QuantkitError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise QuantkitError(f"device '{device}' was asked for but no CUDA GPU is available")

@@ -28,8 +28,18 @@ import yaml
 from quantkit.errors import QuantkitError
 from quantkit.quant.scheme import QuantScheme, parse_scheme
 
-FORMATS = ("gptq",)
-WEIGHT_METHODS = ("rtn",)
+FORMATS = ("gptq", "awq", "compressed-tensors")
+# Options each method accepts in a recipe step, with their types; ranges are checked by the
+# method's own config class when the recipe is loaded.
+METHOD_OPTIONS: dict[str, dict[str, type]] = {
+    "rtn": {},
+    "gptq": {"damp_percent": float, "block_size": int, "act_order": bool, "static_groups": bool,
+             "true_sequential": bool},
+    "awq": {"grid": int, "clip": bool, "clip_grid": int, "clip_max_shrink": float, "max_tokens": int,
+            "duo_scaling": bool},
+}
+WEIGHT_METHODS = tuple(METHOD_OPTIONS)
+COMMON_STEP_FIELDS = ("method", "scheme", "group_size", "symmetric", "ignore")
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class WeightQuantStep:
     group_size: int = 128
     symmetric: bool = True
     ignore: tuple[str, ...] = ("lm_head",)
+    options: tuple[tuple[str, Any], ...] = ()  # method options (damp_percent, act_order, ...)
 
     @property
     def needs_calibration(self) -> bool:
@@ -58,6 +69,26 @@ class WeightQuantStep:
     def quant_scheme(self) -> QuantScheme:
         return parse_scheme(self.scheme, group_size=self.group_size, symmetric=self.symmetric,
                             ignore=self.ignore)
+
+    def gptq_config(self):
+        """(GPTQConfig, true_sequential) from this step's options."""
+        from quantkit.quant.gptq import GPTQConfig
+
+        options = dict(self.options)
+        true_sequential = options.pop("true_sequential", True)
+        return GPTQConfig(**options), true_sequential
+
+    def awq_config(self):
+        from quantkit.quant.awq import AWQConfig
+
+        return AWQConfig(**dict(self.options))
+
+    def check_options(self) -> None:
+        """Build the method's config once so out-of-range values fail at load time."""
+        if self.method == "gptq":
+            self.gptq_config()
+        elif self.method == "awq":
+            self.awq_config()
 
 
 @dataclass(frozen=True)
@@ -78,7 +109,7 @@ class Recipe:
             "description": self.description,
             "format": self.format,
             "calibration": _as_dict(self.calibration),
-            "steps": [_as_dict(step) for step in self.steps],
+            "steps": [_step_dict(step) for step in self.steps],
         }
 
 
@@ -87,6 +118,12 @@ def _as_dict(obj) -> dict[str, Any]:
     for f in fields(obj):
         value = getattr(obj, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _step_dict(step: WeightQuantStep) -> dict[str, Any]:
+    out = {name: value for name, value in _as_dict(step).items() if name != "options"}
+    out.update(dict(step.options))
     return out
 
 
@@ -124,18 +161,23 @@ def recipe_from_dict(data: Any) -> Recipe:
 
 def weight_quant_recipe(scheme: str, *, group_size: int = 128, symmetric: bool = True,
                         method: str = "rtn", ignore: tuple[str, ...] = ("lm_head",),
-                        fmt: str = "gptq") -> Recipe:
+                        fmt: str = "gptq", options: dict[str, Any] | None = None,
+                        calibration: dict[str, Any] | None = None) -> Recipe:
     """The recipe that command-line options describe (``--scheme w4a16 --group-size 128``)."""
     step = {"method": method, "scheme": scheme, "group_size": group_size, "symmetric": symmetric,
-            "ignore": list(ignore)}
-    return recipe_from_dict({"name": f"{scheme}-{method}", "format": fmt, "steps": [step]})
+            "ignore": list(ignore), **(options or {})}
+    data = {"name": f"{scheme}-{method}", "format": fmt, "steps": [step]}
+    if calibration:
+        data["calibration"] = calibration
+    return recipe_from_dict(data)
 
 
 def _parse_step(item: Any, where: str) -> WeightQuantStep:
     if not isinstance(item, dict):
         raise QuantkitError(f"{where}: must be a mapping with a 'method' field")
-    _reject_unknown(item, {f.name for f in fields(WeightQuantStep)}, where)
     method = _choice(item.get("method"), WEIGHT_METHODS, f"{where}.method")
+    allowed_options = METHOD_OPTIONS[method]
+    _reject_unknown(item, set(COMMON_STEP_FIELDS) | set(allowed_options), where)
     scheme = item.get("scheme", "w4a16")
     try:
         parse_scheme(scheme)
@@ -151,8 +193,24 @@ def _parse_step(item: Any, where: str) -> WeightQuantStep:
     ignore = item.get("ignore", ["lm_head"])
     if isinstance(ignore, str) or not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
         raise QuantkitError(f"{where}.ignore: must be a list of module names or 're:<regex>' patterns")
-    return WeightQuantStep(method=method, scheme=str(scheme).lower(), group_size=group_size, symmetric=symmetric,
-                           ignore=tuple(ignore))
+    options = tuple((name, _typed(item[name], kind, f"{where}.{name}"))
+                    for name, kind in allowed_options.items() if name in item)
+    step = WeightQuantStep(method=method, scheme=str(scheme).lower(), group_size=group_size,
+                           symmetric=symmetric, ignore=tuple(ignore), options=options)
+    try:
+        step.check_options()
+    except QuantkitError as exc:
+        raise QuantkitError(f"{where}: {exc}") from None
+    return step
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is not bool and isinstance(value, bool) or not isinstance(value, kind):
+        names = {bool: "true or false", int: "an integer", float: "a number"}
+        raise QuantkitError(f"{where}: must be {names[kind]} (got {value!r})")
+    return value
 
 
 def _parse_calibration(data: Any) -> CalibrationConfig:

@@ -11,10 +11,13 @@ Identities used:
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.quant import gptq as gptq_module
 from quantkit.quant.gptq import GPTQConfig, gptq_quantize
 from quantkit.quant.hessian import HessianAccumulator
 from quantkit.quant.qdq import max_code
@@ -29,7 +32,10 @@ SCHEMES_AND_CONFIGS = [
     (QuantScheme(bits=4, group_size=128, symmetric=False), GPTQConfig()),
     (QuantScheme(bits=4, group_size=-1), GPTQConfig()),
     (QuantScheme(bits=4, group_size=128), GPTQConfig(act_order=True)),
-    (QuantScheme(bits=4, group_size=128), GPTQConfig(act_order=True, static_groups=True)),
+    (
+        QuantScheme(bits=4, group_size=128),
+        GPTQConfig(act_order=True, static_groups=True),
+    ),
     (QuantScheme(bits=3, group_size=32, symmetric=False), GPTQConfig(act_order=True)),
     (QuantScheme(bits=2, group_size=64, symmetric=False), GPTQConfig(block_size=48)),
     (QuantScheme(bits=8, group_size=64), GPTQConfig(static_groups=True)),
@@ -76,13 +82,19 @@ def processing_order(h: torch.Tensor, config: GPTQConfig) -> torch.Tensor:
 
 def assert_valid_record(qw: QuantizedWeight, scheme: QuantScheme) -> None:
     n_groups = 1 if scheme.group_size == -1 else IN_FEATURES // scheme.group_size
-    assert qw.codes.shape == (OUT_FEATURES, IN_FEATURES) and qw.codes.dtype == torch.int32
-    assert qw.scales.shape == (OUT_FEATURES, n_groups) and qw.scales.dtype == torch.float32
+    assert (
+        qw.codes.shape == (OUT_FEATURES, IN_FEATURES) and qw.codes.dtype == torch.int32
+    )
+    assert (
+        qw.scales.shape == (OUT_FEATURES, n_groups) and qw.scales.dtype == torch.float32
+    )
     assert qw.zeros.shape == (OUT_FEATURES, n_groups) and qw.zeros.dtype == torch.int32
     assert qw.g_idx.shape == (IN_FEATURES,) and qw.g_idx.dtype == torch.int32
     assert int(qw.codes.min()) >= 0 and int(qw.codes.max()) <= max_code(scheme.bits)
     assert int(qw.zeros.min()) >= 1 and int(qw.zeros.max()) <= max_code(scheme.bits)
-    assert torch.equal(qw.scales.half().float(), qw.scales)  # what an fp16 checkpoint holds
+    assert torch.equal(
+        qw.scales.half().float(), qw.scales
+    )  # what an fp16 checkpoint holds
     if scheme.symmetric:
         assert bool((qw.zeros == 2 ** (scheme.bits - 1)).all())
     assert (qw.bits, qw.group_size, qw.symmetric) == (
@@ -112,7 +124,9 @@ def test_reported_loss_matches_returned_weight(scheme, config):
     h = hessian_of(x)
     qw, loss = gptq_quantize(weight, h, scheme, config)
     delta = (weight - qw.dequantize()).double()
-    expected = 0.5 * float(torch.trace(delta @ damped(h, config.damp_percent).double() @ delta.T))
+    expected = 0.5 * float(
+        torch.trace(delta @ damped(h, config.damp_percent).double() @ delta.T)
+    )
     assert loss == pytest.approx(expected, rel=1e-3)
 
 
@@ -123,7 +137,9 @@ def test_each_code_is_nearest_grid_point_of_updated_column(scheme, config):
     qw, _ = gptq_quantize(weight, h, scheme, config)
     order = processing_order(h, config)
     h_d = damped(h, config.damp_percent).double()[order][:, order]
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h_d)), upper=True)
+    upper = torch.linalg.cholesky(
+        torch.cholesky_inverse(torch.linalg.cholesky(h_d)), upper=True
+    )
     settled = qw.dequantize().double()[:, order]
     # Δ = E U with E the loop's scaled errors; the column it rounded was q_j + e_j U_jj.
     errors = torch.linalg.solve_triangular(
@@ -206,7 +222,7 @@ def test_dead_input_channel_gets_zero_weight():
     for config in (GPTQConfig(), GPTQConfig(act_order=True)):
         qw, loss = gptq_quantize(weight, hessian_of(x), scheme, config)
         dequantized = qw.dequantize()
-        assert torch.isfinite(dequantized).all() and loss == loss
+        assert torch.isfinite(dequantized).all() and math.isfinite(loss)
         assert torch.equal(dequantized[:, [10, 130]], torch.zeros(OUT_FEATURES, 2))
         assert output_error(x, weight, dequantized) < 0.7 * output_error(
             x, weight, rtn_quantize(weight, scheme).dequantize()
@@ -240,7 +256,9 @@ def test_hessian_of_wrong_shape_is_rejected():
 
 def test_group_size_that_does_not_divide_is_rejected():
     with pytest.raises(QuantkitError, match="does not divide"):
-        gptq_quantize(random_weight(), torch.eye(IN_FEATURES), QuantScheme(group_size=96))
+        gptq_quantize(
+            random_weight(), torch.eye(IN_FEATURES), QuantScheme(group_size=96)
+        )
 
 
 def test_indefinite_hessian_asks_for_more_damping():
@@ -258,7 +276,9 @@ def test_hessian_accumulator_matches_direct_formula():
     expected = 2.0 / 300 * flat.T @ flat
     assert accumulator.num_tokens == 300
     assert accumulator.hessian.dtype == torch.float32
-    torch.testing.assert_close(accumulator.hessian.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        accumulator.hessian.double(), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_hessian_split_and_merge_equals_one_accumulator():
@@ -290,7 +310,7 @@ def test_empty_hessian_accumulator_is_an_error():
     accumulator = HessianAccumulator(8)
     accumulator.add_batch(torch.zeros(0, 8))
     with pytest.raises(QuantkitError, match="no calibration tokens"):
-        accumulator.hessian
+        _ = accumulator.hessian
     with pytest.raises(ValueError, match="last dimension 8"):
         accumulator.add_batch(torch.zeros(4, 9))
 
@@ -303,10 +323,36 @@ def test_cuda_matches_cpu(scheme, config):
     cuda_accumulator = HessianAccumulator(IN_FEATURES)
     cuda_accumulator.add_batch(x.cuda().half())
     h_cuda = cuda_accumulator.hessian
-    torch.testing.assert_close(h_cuda.cpu(), hessian_of(x.half().float()), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        h_cuda.cpu(), hessian_of(x.half().float()), rtol=1e-4, atol=1e-4
+    )
     cpu, cpu_loss = gptq_quantize(weight, h_cpu, scheme, config)
     cuda, cuda_loss = gptq_quantize(weight.cuda(), h_cpu.cuda(), scheme, config)
     assert cuda.codes.is_cuda and cuda.g_idx.is_cuda
     assert torch.equal(cuda.g_idx.cpu(), cpu.g_idx)
     assert float((cuda.codes.cpu() == cpu.codes).double().mean()) > 0.999
     assert cuda_loss == pytest.approx(cpu_loss, rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("scheme", "config"),
+    [
+        (
+            QuantScheme(bits=4, group_size=32, symmetric=False),
+            GPTQConfig(block_size=32),
+        ),
+        (QuantScheme(bits=3, group_size=64), GPTQConfig(block_size=16, act_order=True)),
+        (QuantScheme(bits=4, group_size=-1), GPTQConfig(block_size=24)),
+    ],
+)
+def test_cuda_graph_replay_equals_eager_cuda(scheme, config, monkeypatch):
+    weight, h = random_weight().cuda(), hessian_of(correlated_inputs()).cuda()
+    graphed, graphed_loss = gptq_quantize(weight, h, scheme, config)
+    monkeypatch.setattr(gptq_module, "CUDA_GRAPHS", False)
+    eager, eager_loss = gptq_quantize(weight, h, scheme, config)
+    assert torch.equal(graphed.codes, eager.codes)
+    assert torch.equal(graphed.scales, eager.scales)
+    assert torch.equal(graphed.zeros, eager.zeros)
+    assert torch.equal(graphed.g_idx, eager.g_idx)
+    assert graphed_loss == eager_loss

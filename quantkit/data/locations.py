@@ -1,9 +1,9 @@
 """Where the bundled `calibration_data/` folder lives.
 
 Lookup order:
-1. ``$QUANTKIT_DATA_DIR`` when set — a copy of the folder; needed when quantkit is installed
-   from a wheel, which does not carry the repository's top-level ``calibration_data/``;
-2. ``calibration_data/`` at the root of the source checkout this package was imported from
+1. ``$QUANTKIT_DATA_DIR`` when set — a copy of the folder;
+2. ``quantkit/calibration_data/`` inside an installed wheel (setup.py copies the folder there);
+3. ``calibration_data/`` at the root of the source checkout this package was imported from
    (running from the repository, or an editable install).
 """
 
@@ -15,6 +15,7 @@ from pathlib import Path
 from quantkit.errors import QuantkitError
 
 DATA_DIR_ENV = "QUANTKIT_DATA_DIR"
+INSTALLED_DATA_DIR = Path(__file__).resolve().parents[1] / "calibration_data"
 CHECKOUT_DATA_DIR = Path(__file__).resolve().parents[2] / "calibration_data"
 
 
@@ -29,8 +30,9 @@ def calibration_data_dir() -> Path:
                 "set it to a copy of the repository's calibration_data/ folder"
             )
         return folder
-    if CHECKOUT_DATA_DIR.is_dir():
-        return CHECKOUT_DATA_DIR
+    for folder in (INSTALLED_DATA_DIR, CHECKOUT_DATA_DIR):
+        if folder.is_dir():
+            return folder
     raise QuantkitError(
         f"the bundled calibration_data/ folder is not at {CHECKOUT_DATA_DIR}: "
         f"set ${DATA_DIR_ENV} to a copy of the repository's calibration_data/ folder"

@@ -14,15 +14,20 @@ Scales and zero points come from ``compute_qparams(..., min_zero=1, fp16_scales=
 returned codes, scales and zeros are exactly what a GPTQ v1 checkpoint stores and
 ``QuantizedWeight.dequantize()`` equals what the checkpoint decodes to.
 
-Speed choices (the column loop is sequential by nature, so its cost is kernel launches):
+Speed choices (the column loop is sequential by nature, so its cost is kernel launches and
+Python work, not arithmetic):
 
-* the weight is kept transposed, (in, out), in processing order: a column is a contiguous row,
-  the block is updated in place (no copy per block) and the lazy update is one GEMM on rows;
-* each column costs six tensor operations (divide, round, clamp, error, scale, rank-1 update),
-  with clamping to ``[-zero, maxq - zero]`` so the zero point needs no add and subtract, and no
-  host synchronisation: per-column views come from ``unbind`` once, groups are Python ints;
-* codes are kept as ``code - zero`` during the loop and shifted and un-permuted once at the end;
-* the loss is summed per block on the device and read once.
+* the weight is kept transposed, (in, out), in processing order, so a column is a contiguous
+  row and the lazy update of the remaining columns is one GEMM per block;
+* a column costs six small tensor operations (divide, round, clamp, error, scale, rank-1
+  update) and no host synchronisation; clamping ``round(w / s)`` to ``[-zero, maxq - zero]``
+  keeps the zero point out of the loop, and codes are shifted and un-permuted once at the end;
+* on CUDA each block's column loop runs in fixed buffers and is captured once as a CUDA graph,
+  then replayed for every block of that size (``CUDA_GRAPHS = False`` turns this off);
+* with dynamic groups, blocks are cut so that each group starts a block: its scales are then
+  computed outside the graph, from weights that already hold every earlier update;
+* the loss is summed per block on the device and read once, with the Cholesky check the only
+  other host synchronisation.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from quantkit.quant.qdq import compute_qparams, max_code
 from quantkit.quant.rtn import QuantizedWeight, default_g_idx
 from quantkit.quant.scheme import QuantScheme, check_group_size
 
+CUDA_GRAPHS = True  # replay each block's column loop as a CUDA graph on CUDA devices
+
 
 @dataclass(frozen=True)
 class GPTQConfig:
@@ -48,7 +55,11 @@ class GPTQConfig:
 
     def __post_init__(self) -> None:
         damp = self.damp_percent
-        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
+        if (
+            isinstance(damp, bool)
+            or not isinstance(damp, (int, float))
+            or not 0 < damp < 1
+        ):
             raise QuantkitError(
                 f"damp_percent must be a number between 0 and 1 (exclusive), got {damp!r}; "
                 "0.01 is the usual value"
@@ -115,14 +126,17 @@ def gptq_quantize(
     del h
 
     order = list(range(cols)) if perm is None else perm.tolist()
-    group_of = _group_of_processed_column(order, scheme.group_size, dynamic)
+    group_index = torch.tensor(
+        _group_of_processed_column(order, scheme.group_size, dynamic),
+        dtype=torch.long,
+        device=device,
+    )
     if dynamic:
         params = _empty_params(cols // scheme.group_size, rows, device)
     shifted_codes_t, loss = _quantize_columns(
-        weight_t, hinv_upper, params, group_of, scheme, config.block_size, dynamic
+        weight_t, hinv_upper, params, group_index, scheme, config.block_size, dynamic
     )
 
-    group_index = torch.tensor(group_of, dtype=torch.long, device=device)
     codes_t = shifted_codes_t + params.zeros.index_select(0, group_index)
     g_idx = default_g_idx(cols, scheme.group_size, device)
     if perm is not None:
@@ -146,57 +160,129 @@ def _quantize_columns(
     weight_t: torch.Tensor,
     hinv_upper: torch.Tensor,
     params: _GroupParams,
-    group_of: list[int],
+    group_index: torch.Tensor,
     scheme: QuantScheme,
     block_size: int,
     dynamic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The GPTQ loop over ``weight_t`` (in, out), updated in place; codes minus zero, Σ err²."""
     cols, rows = weight_t.shape
-    bounds = _block_bounds(cols, block_size, scheme.group_size, dynamic)
-    longest = max(end - start for start, end in bounds)
     shifted_codes_t = torch.empty_like(weight_t)
-    errors = torch.empty(longest, rows, dtype=torch.float32, device=weight_t.device)
     loss = torch.zeros((), dtype=torch.float32, device=weight_t.device)
-
-    column = weight_t.unbind(0)
-    code = shifted_codes_t.unbind(0)
-    error = errors.unbind(0)
-    hinv_row = hinv_upper.unbind(0)
-    hinv_diag = hinv_upper.diagonal().unbind(0)
-    scale, low, high = (t.unbind(0) for t in (params.scales, params.low, params.high))
-    group_size = scheme.group_size
-
-    for start, end in bounds:
-        for j in range(start, end):
-            if dynamic and j % group_size == 0:
-                _set_group_params(params, j // group_size, weight_t[j : j + group_size], scheme)
-            g = group_of[j]
-            c, e = code[j], error[j - start]
-            torch.div(column[j], scale[g], out=c)
-            c.round_().clamp_(low[g], high[g])
-            torch.addcmul(column[j], c, scale[g], value=-1, out=e)
-            e.div_(hinv_diag[j])
-            if j + 1 < end:
-                weight_t[j + 1 : end].addr_(hinv_row[j][j + 1 : end], e, alpha=-1)
-        block_errors = errors[: end - start]
-        loss += block_errors.square().sum()
+    runners: dict[int, _BlockRunner] = {}
+    for start, end in _block_bounds(cols, block_size, scheme.group_size, dynamic):
+        if dynamic and start % scheme.group_size == 0:
+            # a group starts a block, where every earlier update has landed
+            group = start // scheme.group_size
+            _set_group_params(
+                params, group, weight_t[start : start + scheme.group_size], scheme
+            )
+        runner = runners.get(end - start)
+        if runner is None:
+            runner = runners[end - start] = _BlockRunner(
+                end - start, rows, weight_t.device
+            )
+        errors = runner.run(
+            weight_t[start:end],
+            hinv_upper[start:end, start:end],
+            params,
+            group_index[start:end],
+            out_codes=shifted_codes_t[start:end],
+        )
+        loss += errors.square().sum()
         if end < cols:
-            weight_t[end:].mul_(1).add_(0)#(hinv_upper[start:end, end:].t(), block_errors, alpha=-1)
+            weight_t[end:].addmm_(hinv_upper[start:end, end:].t(), errors, alpha=-1)
     return shifted_codes_t, loss
+
+
+class _BlockRunner:
+    """Quantizes the columns of one block in place, in fixed buffers of ``size`` columns.
+
+    On CUDA the column loop (six small kernels per column) is captured once as a CUDA graph
+    and replayed for every later block of the same size, so a block costs a few launches
+    instead of one Python round per kernel. The first block of each size runs eagerly, which
+    also warms the kernels up before capture. On the CPU every block runs eagerly.
+    """
+
+    def __init__(self, size: int, rows: int, device: torch.device) -> None:
+        def buffer(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+
+        self.weight, self.codes, self.errors = (
+            buffer(size, rows),
+            buffer(size, rows),
+            buffer(size, rows),
+        )
+        self.scale, self.low, self.high = (
+            buffer(size, rows),
+            buffer(size, rows),
+            buffer(size, rows),
+        )
+        self.hinv = buffer(size, size)
+        self._use_graph = CUDA_GRAPHS and device.type == "cuda"
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._eager_runs = 0
+
+    def run(
+        self,
+        weight_t: torch.Tensor,
+        hinv: torch.Tensor,
+        params: _GroupParams,
+        group_index: torch.Tensor,
+        *,
+        out_codes: torch.Tensor,
+    ) -> torch.Tensor:
+        """Quantize ``weight_t`` (size, out); write codes minus zero; return the scaled errors."""
+        self.weight.copy_(weight_t)
+        self.hinv.copy_(hinv)
+        torch.index_select(params.scales, 0, group_index, out=self.scale)
+        torch.index_select(params.low, 0, group_index, out=self.low)
+        torch.index_select(params.high, 0, group_index, out=self.high)
+        if self._graph is not None:
+            self._graph.replay()
+        elif self._use_graph and self._eager_runs > 0:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"):
+                self._steps()
+            self._graph.replay()
+        else:
+            self._steps()
+            self._eager_runs += 1
+        out_codes.copy_(self.codes)
+        return self.errors
+
+    def _steps(self) -> None:
+        weight, size = self.weight, self.weight.shape[0]
+        column, code, error = (
+            weight.unbind(0),
+            self.codes.unbind(0),
+            self.errors.unbind(0),
+        )
+        scale, low, high = self.scale.unbind(0), self.low.unbind(0), self.high.unbind(0)
+        hinv_row, hinv_diag = self.hinv.unbind(0), self.hinv.diagonal().unbind(0)
+        for j in range(size):
+            c, e = code[j], error[j]
+            torch.div(column[j], scale[j], out=c)
+            c.round_().clamp_(
+                low[j], high[j]
+            )  # = round(w / s) + zero, clamped, minus zero
+            torch.addcmul(column[j], c, scale[j], value=-1, out=e)
+            e.div_(hinv_diag[j])
+            if j + 1 < size:
+                weight[j + 1 :].addr_(hinv_row[j][j + 1 :], e, alpha=-1)
 
 
 def _block_bounds(
     cols: int, block_size: int, group_size: int, dynamic: bool
 ) -> list[tuple[int, int]]:
-    """Lazy-update blocks, cut so that every group starts at a block start or lies in one block.
+    """Lazy-update blocks; with dynamic groups, cut so that every group starts a block.
 
-    A group's scales are then taken from weights that hold every update so far: inside the
-    block they are updated column by column; beyond it nothing is pending at a block start.
-    Lazy batching is an exact regrouping of the updates, so the cut does not change the result.
+    A group's scales are then taken at a block start, where the weights hold every update so
+    far. Lazy batching is an exact regrouping of the updates, so cutting blocks at other places
+    does not change the result (only the order of float additions).
     """
-    if dynamic and group_size <= block_size:
-        block_size = group_size * (block_size // group_size)
+    if dynamic and group_size < block_size:
+        block_size = group_size
     starts = set(range(0, cols, block_size))
     if dynamic:
         starts |= set(range(0, cols, group_size))
@@ -207,12 +293,19 @@ def _block_bounds(
 def _fixed_params(w: torch.Tensor, scheme: QuantScheme) -> _GroupParams:
     """Per-channel or static-group parameters from the whole (dead-zeroed) weight, up front."""
     scales, zeros = compute_qparams(
-        w, scheme.bits, scheme.group_size, scheme.symmetric, min_zero=1, fp16_scales=True
+        w,
+        scheme.bits,
+        scheme.group_size,
+        scheme.symmetric,
+        min_zero=1,
+        fp16_scales=True,
     )
     return _params_from(scales.t().contiguous(), zeros.t().contiguous(), scheme.bits)
 
 
-def _params_from(scales_t: torch.Tensor, zeros_t: torch.Tensor, bits: int) -> _GroupParams:
+def _params_from(
+    scales_t: torch.Tensor, zeros_t: torch.Tensor, bits: int
+) -> _GroupParams:
     zeros_float = zeros_t.to(torch.float32)
     return _GroupParams(scales_t, zeros_t, -zeros_float, max_code(bits) - zeros_float)
 

@@ -1,0 +1,89 @@
+"""What one layer's quantization works with, and what it reports."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quantkit.models.adapters import LinearGroup, ModelAdapter
+from quantkit.pipeline.capture import LayerBatch, run_layer
+from quantkit.quant.rtn import QuantizedWeight
+from quantkit.quant.scheme import QuantScheme
+from quantkit.quant.weights import set_weight_out_in, weight_out_in
+
+
+@dataclass
+class LayerReport:
+    """One decoder layer's result: each linear's relative weight error and, with calibration
+    data, the relative error of the layer's output on the first calibration batch."""
+
+    index: int
+    errors: dict[str, float] = field(default_factory=dict)
+    output_error: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def max_error(self) -> float:
+        return max(self.errors.values(), default=0.0)
+
+
+@dataclass
+class PipelineResult:
+    quantized: dict[str, QuantizedWeight]
+    layers: list[LayerReport]
+    skipped: list[str]
+    peak_device_bytes: int | None = None
+
+
+@dataclass
+class LayerContext:
+    layer: nn.Module
+    index: int
+    prefix: str
+    adapter: ModelAdapter
+    device: torch.device
+    scheme: QuantScheme
+    batches: list[LayerBatch] | None
+    result: PipelineResult
+    report: LayerReport
+
+    def full_name(self, relative: str) -> str:
+        return f"{self.prefix}.{self.index}.{relative}"
+
+    def groups(self) -> list[LinearGroup]:
+        return self.adapter.linear_groups(self.layer)
+
+    def targets(self, group: LinearGroup) -> list[tuple[str, nn.Module]]:
+        """The group's linears that the scheme quantizes, as (full name, module)."""
+        found = []
+        for relative in group.linears:
+            name = self.full_name(relative)
+            if self.scheme.is_ignored(name):
+                if name not in self.result.skipped:
+                    self.result.skipped.append(name)
+            else:
+                found.append((name, self.layer.get_submodule(relative)))
+        return found
+
+    def record(self, name: str, module: nn.Module, qweight: QuantizedWeight,
+               reference: torch.Tensor | None = None) -> None:
+        """Keep the quantized weight and put the weight it represents into the float model."""
+        original = weight_out_in(module) if reference is None else reference
+        represented = qweight.dequantize()
+        diff = torch.linalg.norm(original.float() - represented)
+        self.report.errors[name] = (diff / torch.linalg.norm(original.float()).clamp_min(1e-12)).item()
+        set_weight_out_in(module, represented.to(original.dtype))
+        self.result.quantized[name] = _to_cpu(qweight)
+
+    def forward_all(self) -> None:
+        """Run the layer over every calibration batch, discarding the outputs (hooks observe)."""
+        for batch in self.batches or []:
+            run_layer(self.layer, batch, self.device)
+
+
+def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:
+    return QuantizedWeight(codes=qweight.codes.cpu(), scales=qweight.scales.cpu(), zeros=qweight.zeros.cpu(),
+                           g_idx=qweight.g_idx.cpu(), bits=qweight.bits, group_size=qweight.group_size,
+                           symmetric=qweight.symmetric)

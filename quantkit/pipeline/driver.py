@@ -1,0 +1,116 @@
+"""The sequential, layer-by-layer driver that applies a recipe's weight step to a model.
+
+With calibration samples: capture the inputs of the first decoder layer, then for each layer in
+turn move it to the working device, let the method observe its inputs and rewrite its linears
+(the float weights are replaced by the weights the quantized layers represent), run the
+rewritten layer to produce the next layer's inputs, and move it back. Only the working layer and
+the calibration activations live on the working device, so peak accelerator memory is about one
+layer plus activations, whatever the model's size; activations stay on the CPU when asked to
+(or when they would not fit).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from quantkit.models.adapters import ModelAdapter
+from quantkit.pipeline.capture import LayerBatch, capture_first_layer_inputs, run_layer
+from quantkit.pipeline.context import LayerContext, LayerReport, PipelineResult
+from quantkit.quant.scheme import check_group_size
+from quantkit.quant.weights import weight_out_in
+from quantkit.recipe import Recipe, WeightQuantStep
+
+
+def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> None:
+    """Fail before any work when a step cannot apply to some layer (a group size that does not divide it)."""
+    (step,) = recipe.steps
+    scheme = step.quant_scheme()
+    prefix = adapter.layer_prefix(model)
+    for index, layer in enumerate(adapter.decoder_layers(model)):
+        for group in adapter.linear_groups(layer):
+            for relative in group.linears:
+                name = f"{prefix}.{index}.{relative}"
+                if not scheme.is_ignored(name):
+                    check_group_size(weight_out_in(layer.get_submodule(relative)).shape[1], scheme.group_size, name)
+
+
+def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, device: str | torch.device = "cpu",
+                   samples: torch.Tensor | None = None, batch_size: int = 8, offload_activations: bool = False,
+                   on_layer: Callable[[LayerReport], None] | None = None) -> PipelineResult:
+    """Apply the recipe's weight step to every decoder layer, one layer at a time.
+
+    ``samples`` (N, L) token ids are required by calibration methods (GPTQ, AWQ) and ignored by
+    RTN. ``on_layer`` is called after each layer (progress bars hang on it).
+    """
+    (step,) = recipe.steps
+    device = torch.device(device)
+    method = _layer_method(step)
+    layers = adapter.decoder_layers(model)
+    batches = None
+    if step.needs_calibration:
+        if samples is None:
+            raise ValueError(f"method '{step.method}' needs calibration samples")
+        storage = torch.device("cpu") if offload_activations else device
+        batches = capture_first_layer_inputs(model, layers, samples, device=device, batch_size=batch_size,
+                                             storage=storage)
+    result = PipelineResult(quantized={}, layers=[], skipped=[])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    prefix, scheme = adapter.layer_prefix(model), step.quant_scheme()
+    for index, layer in enumerate(layers):
+        started = time.perf_counter()
+        home = _device_of(layer)
+        layer.to(device)
+        report = LayerReport(index)
+        reference = run_layer(layer, batches[0], device) if batches else None
+        method(LayerContext(layer, index, prefix, adapter, device, scheme, batches, result, report))
+        if batches:
+            _advance(layer, batches, device)
+            report.output_error = _relative(batches[0].hidden, reference)
+        layer.to(home)
+        report.seconds = time.perf_counter() - started
+        result.layers.append(report)
+        if on_layer is not None:
+            on_layer(report)
+    if device.type == "cuda":
+        result.peak_device_bytes = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+def _layer_method(step: WeightQuantStep) -> Callable[[LayerContext], None]:
+    if step.method == "rtn":
+        from quantkit.pipeline.rtn_step import quantize_layer_rtn
+
+        return quantize_layer_rtn
+    if step.method == "gptq":
+        from quantkit.pipeline.gptq_step import quantize_layer_gptq
+
+        config, true_sequential = step.gptq_config()
+        return lambda ctx: quantize_layer_gptq(ctx, config, true_sequential)
+    if step.method == "awq":
+        from quantkit.pipeline.awq_step import quantize_layer_awq
+
+        config = step.awq_config()
+        return lambda ctx: quantize_layer_awq(ctx, config)
+    raise ValueError(f"unknown method {step.method!r}")
+
+
+def _advance(layer: nn.Module, batches: list[LayerBatch], device: torch.device) -> None:
+    """Replace each batch's hidden states by the (quantized) layer's output, in place."""
+    for batch in batches:
+        batch.hidden = run_layer(layer, batch, device)
+
+
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.float()
+    return (torch.linalg.norm(got.float() - want) / torch.linalg.norm(want).clamp_min(1e-12)).item()
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    return torch.device("cpu")

@@ -1,0 +1,51 @@
+"""GPTQ for one decoder layer: collect each group's input Hessian, then quantize its linears.
+
+The linears of a group read the same input, so they share one Hessian. With true-sequential
+order (the default) the groups are handled one after another — attention inputs, attention
+output, MLP inputs, MLP output — and each group's Hessian is collected with the groups before it
+already quantized, so later layers learn to compensate for earlier rounding. Without it one pass
+collects every group's Hessian from the float layer.
+"""
+
+from __future__ import annotations
+
+from quantkit.pipeline.context import LayerContext
+from quantkit.quant.gptq import GPTQConfig, gptq_quantize
+from quantkit.quant.hessian import HessianAccumulator
+from quantkit.quant.weights import weight_out_in
+
+
+def quantize_layer_gptq(ctx: LayerContext, config: GPTQConfig, true_sequential: bool = True) -> None:
+    pending = [group for group in ctx.groups() if ctx.targets(group)]
+    stages = [[group] for group in pending] if true_sequential else [pending]
+    for stage in stages:
+        hessians = _collect_hessians(ctx, stage)
+        for group in stage:
+            hessian = hessians[group.name].hessian
+            for name, module in ctx.targets(group):
+                weight = weight_out_in(module)
+                qweight, _loss = gptq_quantize(weight, hessian, ctx.scheme, config, module_name=name)
+                ctx.record(name, module, qweight, reference=weight)
+            del hessian
+
+
+def _collect_hessians(ctx: LayerContext, groups) -> dict[str, HessianAccumulator]:
+    accumulators, handles = {}, []
+    for group in groups:
+        _name, first = ctx.targets(group)[0]
+        accumulator = HessianAccumulator(weight_out_in(first).shape[1], device=ctx.device)
+        accumulators[group.name] = accumulator
+        handles.append(first.register_forward_hook(_observer(accumulator)))
+    try:
+        ctx.forward_all()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return accumulators
+
+
+def _observer(accumulator: HessianAccumulator):
+    def hook(_module, inputs, _output):
+        accumulator.add_batch(inputs[0].detach())
+
+    return hook

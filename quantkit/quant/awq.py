@@ -1,0 +1,197 @@
+"""AWQ (Lin et al., 2023): activation-aware per-input-channel scales, then weight-range clipping.
+
+Quantization error hurts most on input channels with large activations. AWQ multiplies a linear
+group's input channels by ``s`` before rounding (``Q(W·s)``) and divides the group's input by
+``s`` (folded into the module that produces it, see ``quantkit.models.folding``), so salient
+channels get finer effective steps. ``s`` comes from a one-parameter family searched on the
+calibration data, as AutoAWQ does: ``s = x̄^α`` (``x̄`` the mean |activation| per channel) or, with
+"duo scaling", ``s = x̄^α / w̄^(1-α)`` (``w̄`` the mean per-group-normalised |weight| per channel),
+for α in ``{0, 1/grid, ..., (grid-1)/grid}``, normalised by ``sqrt(max(s) · min(s))``.
+
+How the pipeline uses these functions, per decoder layer: capture each group's input ``x`` from
+the float layer; ``awq_search_scales`` for every foldable group; fold every group's scales
+(``fold_input_scales``) before quantizing any linear, since one group's scales rewrite another
+group's weights (the MLP output group folds into ``up_proj``); then per linear,
+``awq_search_clip`` with the folded input ``x / s`` and the folded weight, and ``awq_quantize``.
+
+Differences from AutoAWQ, each measured on the bundled target (see the module's tests):
+
+* errors are measured on every calibration token through ``XᵀX`` (``awq_error``), not on a
+  subsample; ``output_fn`` still allows AutoAWQ's whole-module loss on ``max_tokens`` rows;
+* candidates are quantized exactly as they will be stored (zero points >= 1, fp16 scales);
+* ``s = 1`` is always a candidate, so the result is never worse than RTN on the search data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.quant.awq_clip import quantize_clipped, search_clip_ranges
+from quantkit.quant.awq_error import gram, output_error, subsample_rows
+from quantkit.quant.qdq import fake_quantize
+from quantkit.quant.rtn import QuantizedWeight, rtn_quantize
+from quantkit.quant.scheme import QuantScheme, check_group_size
+
+# (inputs (tokens, in), each linear's represented weight (out, in)) -> the output to compare.
+OutputFn = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
+
+# Relative floor of x̄ and w̄, so dead channels get a small finite scale rather than 0 or inf.
+_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """AWQ's knobs; grid, clip ratios and max_shrink default to AutoAWQ's values."""
+
+    grid: int = 20  # α in {0, 1/grid, ..., (grid-1)/grid}
+    clip: bool = True  # search clipped weight ranges after scaling
+    clip_grid: int = 20  # shrink ratios evenly spaced from 1.0 down to 1 - clip_max_shrink
+    clip_max_shrink: float = 0.5
+    max_tokens: int = 4096  # rows of x that output_fn sees (the default loss uses every row)
+    duo_scaling: bool = False  # s = x̄^α / w̄^(1-α) instead of s = x̄^α
+
+    def __post_init__(self) -> None:
+        for name in ("grid", "clip_grid", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QuantkitError(f"AWQ {name} must be a positive integer, got {value!r}")
+        shrink = self.clip_max_shrink
+        if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not 0 <= shrink < 1:
+            raise QuantkitError(
+                f"AWQ clip_max_shrink must be a number in [0, 1), got {shrink!r}; 0.5 is the usual value"
+            )
+        for name in ("clip", "duo_scaling"):
+            if not isinstance(getattr(self, name), bool):
+                raise QuantkitError(f"AWQ {name} must be true or false, got {getattr(self, name)!r}")
+
+    def alphas(self) -> list[float]:
+        return [i / self.grid for i in range(self.grid)]
+
+    def clip_ratios(self) -> torch.Tensor:
+        return torch.linspace(1.0, 1.0 - self.clip_max_shrink, self.clip_grid)
+
+
+def awq_search_scales(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    scheme: QuantScheme,
+    config: AWQConfig = AWQConfig(),
+    *,
+    output_fn: OutputFn | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Per-input-channel scales ``s`` (in,) > 0 for a group of linears that read ``x`` (tokens, in).
+
+    Minimises ``Σ_linears ||x Wᵀ - (x / s) Q(W·s)ᵀ||²`` over the candidates (or, with
+    ``output_fn``, the squared error of ``output_fn(x, [Q(W·s) / s, ...])`` against
+    ``output_fn(x, weights)`` on up to ``max_tokens`` rows of ``x``). Returns ``s`` on ``x``'s
+    device and a report: ``alpha`` (0.0 when ``s = 1`` won), ``scaled`` (False when ``s = 1``
+    won), ``error`` and ``error_rtn`` (mean squared output error per element, chosen and at
+    ``s = 1``).
+    """
+    _check_shapes(x, weights)
+    check_group_size(x.shape[1], scheme.group_size, "<weight>")
+    stacked = torch.cat([w.detach().float().to(x.device) for w in weights])
+    x = x.float()
+    score = _scorer(x, stacked, [w.shape[0] for w in weights], scheme, config, output_fn)
+    ones = torch.ones(x.shape[1], device=x.device)
+    candidates = [ones] + [_candidate(x, stacked, scheme, config, a) for a in config.alphas()]
+    errors = torch.stack([score(s) for s in candidates]).tolist()
+    best = min(range(len(errors)), key=errors.__getitem__)  # ties keep s = 1
+    report = {
+        "alpha": 0.0 if best == 0 else config.alphas()[best - 1],
+        "scaled": best != 0,
+        "error": errors[best],
+        "error_rtn": errors[0],
+    }
+    return candidates[best], report
+
+
+def awq_search_clip(
+    x: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, config: AWQConfig = AWQConfig()
+) -> torch.Tensor:
+    """Clipped range (out, n_groups, 2) = [low, high] per group of ``weight`` (out, in).
+
+    ``x`` (tokens, in) is the input the layer will see once scales are folded (the captured input
+    divided by the group's scales) and ``weight`` the folded weight. Each group keeps the
+    shrink ratio (1.0 included) with the least error of its own output ``x_g W_gᵀ``.
+    """
+    _check_shapes(x, [weight])
+    check_group_size(weight.shape[1], scheme.group_size, "<weight>")
+    return search_clip_ranges(x.float(), weight, scheme, config.clip_ratios())
+
+
+def awq_quantize(
+    weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | None, *, module_name: str
+) -> QuantizedWeight:
+    """Quantize ``weight`` (out, in) on the grids of the ``clip`` ranges (RTN when ``clip`` is None).
+
+    Zero points are >= 1 and scales fp16-representable (GPTQ v1 storable), as ``rtn_quantize``.
+    """
+    if clip is None:
+        return rtn_quantize(weight.detach().float(), scheme, module_name=module_name)
+    return quantize_clipped(weight, scheme, clip, module_name)
+
+
+def _candidate(
+    x: torch.Tensor, stacked: torch.Tensor, scheme: QuantScheme, config: AWQConfig, alpha: float
+) -> torch.Tensor:
+    x_mean = _relative(x.abs().mean(0))
+    scales = x_mean.pow(alpha)
+    if config.duo_scaling:
+        scales = scales / _relative(_weight_magnitude(stacked, scheme.group_size)).pow(1.0 - alpha)
+    scales = scales.clamp_min(_FLOOR)
+    return scales / (scales.max() * scales.min()).sqrt()
+
+
+def _scorer(
+    x: torch.Tensor,
+    stacked: torch.Tensor,
+    rows: list[int],
+    scheme: QuantScheme,
+    config: AWQConfig,
+    output_fn: OutputFn | None,
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function from scales ``s`` to the group's mean squared output error (a 0-d tensor)."""
+
+    def represented(scales: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(stacked * scales, scheme, min_zero=1, fp16_scales=True) / scales
+
+    if output_fn is None:
+        hessian = gram(x)
+        elements = x.shape[0] * stacked.shape[0]
+        return lambda scales: output_error(stacked - represented(scales), hessian) / elements
+
+    sample = subsample_rows(x, config.max_tokens)
+    reference = output_fn(sample, list(stacked.split(rows))).float()
+    return lambda scales: (
+        (output_fn(sample, list(represented(scales).split(rows))).float() - reference).pow(2).mean()
+    )
+
+
+def _weight_magnitude(stacked: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Mean over output rows of |w| / max|w| of its group, per input channel (AutoAWQ's w̄)."""
+    size = stacked.shape[1] if group_size == -1 else group_size
+    groups = stacked.abs().reshape(stacked.shape[0], -1, size)
+    normalised = groups / groups.amax(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return normalised.reshape(stacked.shape).mean(0)
+
+
+def _relative(values: torch.Tensor) -> torch.Tensor:
+    """``values / max(values)``, floored: the scale family is invariant to a common factor."""
+    return (values / values.max().clamp_min(torch.finfo(torch.float32).tiny)).clamp_min(_FLOOR)
+
+
+def _check_shapes(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"AWQ expects inputs shaped (tokens, in), got {tuple(x.shape)}")
+    if not weights:
+        raise ValueError("AWQ needs at least one weight")
+    for weight in weights:
+        if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+            raise ValueError(
+                f"weight shaped {tuple(weight.shape)} does not read inputs of {x.shape[1]} channels"
+            )

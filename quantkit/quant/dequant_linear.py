@@ -1,0 +1,73 @@
+"""Base of the linear layers that hold a packed checkpoint layout and compute with plain torch.
+
+A subclass keeps its tensors under the names its checkpoint layout uses (so ``state_dict`` is the
+checkpoint's) and says how to rebuild the float weight from them (``dequantize_weight``). The
+forward pass here is the reference path ``x @ W.T + b`` that GPU kernels are checked against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class DequantLinear(nn.Module):
+    """``y = x @ W.T + b`` where ``W`` is rebuilt from packed buffers by ``dequantize_weight``."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bits: int, group_size: int
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self._cached_weight: torch.Tensor | None = None
+        self._cache_key: tuple | None = None
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The weight (out, in) in float32, unpacked from the buffers."""
+        raise NotImplementedError
+
+    def _init_bias(
+        self, has_bias: bool, dtype: torch.dtype, device: torch.device | str | None
+    ) -> None:
+        if has_bias:
+            bias = torch.zeros(self.out_features, dtype=dtype, device=device)
+            self.register_buffer("bias", bias)
+        else:
+            self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self._weight_like(x), bias)
+
+    def clear_cache(self) -> None:
+        """Drop the cached dequantized weight (needed after editing the buffers in place)."""
+        self._cached_weight = None
+        self._cache_key = None
+
+    def _weight_like(self, x: torch.Tensor) -> torch.Tensor:
+        # The CPU is the slow reference path, where memory is plentiful: keep the unpacked weight
+        # after first use. Elsewhere rebuild it every call so the layer keeps its small footprint.
+        if x.device.type != "cpu":
+            return self.dequantize_weight().to(device=x.device, dtype=x.dtype)
+        key = (x.dtype, *(buffer.data_ptr() for buffer in self.buffers(recurse=False)))
+        if self._cache_key != key:
+            self._cached_weight = self.dequantize_weight().to(x.dtype)
+            self._cache_key = key
+        return self._cached_weight
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # Loading copies into the buffers in place (same data pointers): the cache goes stale.
+        self.clear_cache()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}"
+        )
