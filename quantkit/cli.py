@@ -147,15 +147,18 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     output_json: Annotated[Optional[Path], typer.Option("--output-json", help="Also write the JSON here.")] = None,
 ) -> None:
-    """Perplexity, parameter count and size of a model, optionally beside a baseline."""
-    from quantkit.eval.evaluate import evaluate_model
+    """Perplexity, parameter count and size of a model; beside a baseline, also the share of
+    positions where both predict the same next token and the mean KL divergence between them."""
+    from quantkit.eval.evaluate import evaluate_model, evaluate_pair
     from quantkit.eval.report import render_eval_table, results_to_json
 
     datasets = dataset or ["wikitext2"]
     options = dict(datasets=datasets, seq_len=seq_len, batch_size=batch_size, max_windows=max_windows,
                    device=device, dtype=dtype, progress=not as_json)
-    base = evaluate_model(baseline, **options) if baseline is not None else None
-    result = evaluate_model(model, **options)
+    if baseline is not None:
+        result, base = evaluate_pair(model, baseline, **options)
+    else:
+        result, base = evaluate_model(model, **options), None
     payload = results_to_json([result], baseline=base)
     if output_json is not None:
         output_json.write_text(json.dumps(payload, indent=2) + "\n")

@@ -24,7 +24,9 @@ from quantkit.quant.weights import set_weight_out_in
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
 
 
-def _tiny_llama(seed: int = 0, tie: bool = False, intermediate: int = 256) -> LlamaForCausalLM:
+def _tiny_llama(
+    seed: int = 0, tie: bool = False, intermediate: int = 256
+) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=128, intermediate_size=intermediate, num_hidden_layers=2,
@@ -34,7 +36,9 @@ def _tiny_llama(seed: int = 0, tie: bool = False, intermediate: int = 256) -> Ll
 
 
 def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>"))
+    backend = Tokenizer(
+        models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>")
+    )
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
 
@@ -75,7 +79,9 @@ def _decode_layer(tensors: dict, name: str, group_size: int) -> torch.Tensor:
     zeros = _unpack_awq_words(tensors[f"{name}.qzeros"])  # (groups, out)
     span = q.shape[0] if group_size == -1 else group_size
     groups = torch.arange(q.shape[0]) // span
-    weight_in_out = tensors[f"{name}.scales"].float()[groups] * (q - zeros[groups]).float()
+    weight_in_out = (
+        tensors[f"{name}.scales"].float()[groups] * (q - zeros[groups]).float()
+    )
     return weight_in_out.t()
 
 
@@ -83,7 +89,9 @@ def test_pack_order_is_autoawqs():
     columns = torch.arange(8, dtype=torch.int32).reshape(1, 8)
     # nibble k holds column AWQ_ORDER[k]: 0, 2, 4, 6, 1, 3, 5, 7 from the lowest nibble up
     assert pack_awq(columns).item() == 0x75316420
-    values = torch.randint(0, 16, (5, 24), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    values = torch.randint(
+        0, 16, (5, 24), generator=torch.Generator().manual_seed(0), dtype=torch.int32
+    )
     words = pack_awq(values)
     assert words.shape == (5, 3) and words.dtype == torch.int32
     assert torch.equal(unpack_awq(words), values)
@@ -111,12 +119,17 @@ def test_written_checkpoint_decodes_and_loads_back(tmp_path, scheme):
     for name, qw in quantized.items():
         n_groups = 1 if scheme.group_size == -1 else qw.in_features // scheme.group_size
         assert f"{name}.weight" not in tensors and f"{name}.g_idx" not in tensors
-        assert tensors[f"{name}.qweight"].shape == (qw.in_features, qw.out_features // 8)
+        assert tensors[f"{name}.qweight"].shape == (
+            qw.in_features,
+            qw.out_features // 8,
+        )
         assert tensors[f"{name}.qweight"].dtype == torch.int32
         assert tensors[f"{name}.qzeros"].shape == (n_groups, qw.out_features // 8)
         assert tensors[f"{name}.scales"].shape == (n_groups, qw.out_features)
         assert tensors[f"{name}.scales"].dtype == torch.float16
-        assert torch.equal(_decode_layer(tensors, name, scheme.group_size), qw.dequantize())
+        assert torch.equal(
+            _decode_layer(tensors, name, scheme.group_size), qw.dequantize()
+        )
     assert tensors["lm_head.weight"].dtype == torch.float16
 
     config = json.loads((out / "config.json").read_text())
@@ -129,7 +142,9 @@ def test_written_checkpoint_decodes_and_loads_back(tmp_path, scheme):
             "quantkit": {"scheme": scheme.name, "method": "rtn"},
         },
     }  # fmt: skip
-    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    assert (out / "tokenizer.json").is_file() and (
+        out / "generation_config.json"
+    ).is_file()
 
     loaded = load_model(str(out))
     assert loaded.quantization_config["quant_method"] == "awq"
@@ -164,13 +179,16 @@ def test_zero_point_zero_is_stored(tmp_path):
     assert bool((tensors[f"{name}.qzeros"] == 0).all())
     assert torch.equal(_decode_layer(tensors, name, 32), quantized[name].dequantize())
     assert torch.equal(
-        load_awq_model(out).get_submodule(name).dequantize_weight(), quantized[name].dequantize()
+        load_awq_model(out).get_submodule(name).dequantize_weight(),
+        quantized[name].dequantize(),
     )
 
 
 def test_layers_left_in_float_are_listed_and_loaded_as_linear(tmp_path):
     model = _tiny_llama(seed=3)
-    scheme = QuantScheme(bits=4, group_size=32, ignore=("lm_head", "model.layers.1.mlp.down_proj"))
+    scheme = QuantScheme(
+        bits=4, group_size=32, ignore=("lm_head", "model.layers.1.mlp.down_proj")
+    )
     out = save_awq(model, None, _quantize(model, scheme), scheme, tmp_path / "ckpt")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["modules_to_not_convert"] == ["model.layers.1.mlp.down_proj", "lm_head"]
@@ -199,7 +217,10 @@ def test_tied_embeddings_are_stored_once_and_tied_on_load(tmp_path):
     [
         (QuantScheme(bits=8, group_size=32), "stores 4-bit weights only, not 8-bit"),
         (QuantScheme(bits=3, group_size=32), "stores 4-bit weights only, not 3-bit"),
-        (QuantScheme(bits=4, group_size=32, ignore=()), "cannot hold a quantized output head"),
+        (
+            QuantScheme(bits=4, group_size=32, ignore=()),
+            "cannot hold a quantized output head",
+        ),
     ],
 )
 def test_unstorable_schemes_are_refused(tmp_path, scheme, message):
@@ -222,7 +243,9 @@ def test_act_order_and_odd_output_sizes_are_refused(tmp_path):
     odd = _tiny_llama(seed=6, intermediate=260)
     per_channel = QuantScheme(bits=4, group_size=-1)
     quantized = _quantize(odd, per_channel)
-    expected = "'model.layers.0.mlp.gate_proj' cannot be stored: .* multiple of 8; got 260"
+    expected = (
+        "'model.layers.0.mlp.gate_proj' cannot be stored: .* multiple of 8; got 260"
+    )
     with pytest.raises(QuantkitError, match=expected):
         save_awq(odd, None, quantized, per_channel, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
@@ -238,9 +261,18 @@ def _write_config(folder, quantization_config):
 @pytest.mark.parametrize(
     ("qcfg", "message"),
     [
-        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, "version 'gemv'"),
-        ({"quant_method": "awq", "bits": 8, "group_size": 128, "version": "gemm"}, "AWQ bits 8"),
-        ({"quant_method": "awq", "bits": 4, "version": "gemm"}, "invalid AWQ group_size None"),
+        (
+            {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"},
+            "version 'gemv'",
+        ),
+        (
+            {"quant_method": "awq", "bits": 8, "group_size": 128, "version": "gemm"},
+            "AWQ bits 8",
+        ),
+        (
+            {"quant_method": "awq", "bits": 4, "version": "gemm"},
+            "invalid AWQ group_size None",
+        ),
     ],
 )
 def test_unreadable_configs_are_reported(tmp_path, qcfg, message):
@@ -255,5 +287,7 @@ def test_mis_shaped_tensors_are_reported(tmp_path):
     tensors = load_file(out / "model.safetensors")
     tensors["model.layers.0.mlp.up_proj.qzeros"] = torch.zeros(3, 32, dtype=torch.int32)
     save_file(tensors, str(out / "model.safetensors"))
-    with pytest.raises(QuantkitError, match="'model.layers.0.mlp.up_proj' are missing or mis-shaped"):
+    with pytest.raises(
+        QuantkitError, match="'model.layers.0.mlp.up_proj' are missing or mis-shaped"
+    ):
         load_awq_model(out)

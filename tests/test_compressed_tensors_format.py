@@ -17,7 +17,11 @@ from quantkit.formats.compressed_tensors import (
     save_compressed_tensors,
 )
 from quantkit.models.loading import load_model
-from quantkit.quant.pack_quantized_linear import PackQuantizedLinear, pack_dense, unpack_dense
+from quantkit.quant.pack_quantized_linear import (
+    PackQuantizedLinear,
+    pack_dense,
+    unpack_dense,
+)
 from quantkit.quant.rtn import rtn_quantize
 from quantkit.quant.scheme import QuantScheme
 from quantkit.quant.weights import set_weight_out_in
@@ -47,7 +51,9 @@ def _reference_model(model: nn.Module, quantized: dict) -> nn.Module:
     """The float model as the checkpoint represents it: fp16-rounded tensors, dequantized linears."""
     reference = copy.deepcopy(model).eval()
     if "lm_head" in quantized:  # a quantized head no longer shares the embeddings
-        reference.lm_head.weight = nn.Parameter(reference.lm_head.weight.detach().clone())
+        reference.lm_head.weight = nn.Parameter(
+            reference.lm_head.weight.detach().clone()
+        )
     with torch.no_grad():
         for param in reference.parameters():
             param.copy_(param.half().float())
@@ -59,17 +65,23 @@ def _reference_model(model: nn.Module, quantized: dict) -> nn.Module:
 def _unpack_stream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Independent reading: each row's words as one little-endian bit stream of ``bits``-bit values."""
     unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    stream = (unsigned.unsqueeze(-1) >> torch.arange(32)) & 1  # (rows, words, 32) bits, low first
+    stream = (
+        unsigned.unsqueeze(-1) >> torch.arange(32)
+    ) & 1  # (rows, words, 32) bits, low first
     stream = stream.reshape(words.shape[0], -1)[:, : count * bits]
     fields = stream.reshape(words.shape[0], count, bits)
     return (fields << torch.arange(bits)).sum(-1)
 
 
-def _decode_layer(tensors: dict, name: str, bits: int, group_size: int, symmetric: bool):
+def _decode_layer(
+    tensors: dict, name: str, bits: int, group_size: int, symmetric: bool
+):
     """The layer's weight in compressed-tensors' own terms: signed codes and signed zero points."""
     out_features, in_features = tensors[f"{name}.weight_shape"].tolist()
     offset = 1 << (bits - 1)
-    signed = _unpack_stream(tensors[f"{name}.weight_packed"], bits, in_features) - offset
+    signed = (
+        _unpack_stream(tensors[f"{name}.weight_packed"], bits, in_features) - offset
+    )
     scale = tensors[f"{name}.weight_scale"].float()
     if symmetric:
         zero = torch.zeros(scale.shape, dtype=torch.int64)
@@ -89,7 +101,9 @@ def test_dense_packing_crosses_words_for_three_bits():
     as_unsigned = [w & 0xFFFFFFFF for w in words[0].tolist()]
     assert sum(w << (32 * k) for k, w in enumerate(as_unsigned)) == expected
     # widths that leave a partial last word: 12 four-bit values fill 1.5 words -> 2 words
-    odd = torch.randint(0, 16, (3, 12), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    odd = torch.randint(
+        0, 16, (3, 12), generator=torch.Generator().manual_seed(0), dtype=torch.int32
+    )
     assert pack_dense(odd, 4).shape == (3, 2)
     assert torch.equal(unpack_dense(pack_dense(odd, 4), 4, 12), odd)
     assert torch.equal(_unpack_stream(pack_dense(odd, 4), 4, 12), odd.long())
@@ -125,8 +139,13 @@ def test_written_checkpoint_decodes_and_loads_back(tmp_path, scheme):
         if scheme.symmetric:
             assert f"{name}.weight_zero_point" not in tensors
         else:
-            assert tensors[f"{name}.weight_zero_point"].shape == (rows * bits // 32, n_groups)
-        decoded = _decode_layer(tensors, name, bits, scheme.group_size, scheme.symmetric)
+            assert tensors[f"{name}.weight_zero_point"].shape == (
+                rows * bits // 32,
+                n_groups,
+            )
+        decoded = _decode_layer(
+            tensors, name, bits, scheme.group_size, scheme.symmetric
+        )
         assert torch.equal(decoded, qw.dequantize())
 
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -180,8 +199,12 @@ def test_quantized_head_is_untied_and_loads_back(tmp_path):
 
 def test_layers_left_in_float_are_ignored_by_name(tmp_path):
     model = _tiny_llama(seed=2)
-    scheme = QuantScheme(bits=4, group_size=32, ignore=("lm_head", "re:.*self_attn\\.o_proj"))
-    out = save_compressed_tensors(model, None, _quantize(model, scheme), scheme, tmp_path / "ckpt")
+    scheme = QuantScheme(
+        bits=4, group_size=32, ignore=("lm_head", "re:.*self_attn\\.o_proj")
+    )
+    out = save_compressed_tensors(
+        model, None, _quantize(model, scheme), scheme, tmp_path / "ckpt"
+    )
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["ignore"] == [
         "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj", "lm_head",
@@ -224,13 +247,18 @@ def test_config_groups_are_matched_by_regex_target(tmp_path):
     _rewrite_quantization_config(out, split_groups)
     loaded = load_compressed_tensors_model(out)
     name = "model.layers.0.mlp.down_proj"
-    assert torch.equal(loaded.get_submodule(name).dequantize_weight(), quantized[name].dequantize())
+    assert torch.equal(
+        loaded.get_submodule(name).dequantize_weight(), quantized[name].dequantize()
+    )
 
     def attention_only(qcfg):
         del qcfg["config_groups"]["mlp"]
 
     _rewrite_quantization_config(out, attention_only)
-    with pytest.raises(QuantkitError, match="layer 'model.layers.0.mlp.down_proj' packed, but no config"):
+    with pytest.raises(
+        QuantkitError,
+        match="layer 'model.layers.0.mlp.down_proj' packed, but no config",
+    ):
         load_compressed_tensors_model(out)
 
 
@@ -240,18 +268,31 @@ def test_config_groups_are_matched_by_regex_target(tmp_path):
         (lambda q: q.update(format="float-quantized"), "format 'float-quantized'"),
         (
             lambda q: q["config_groups"]["group_0"].update(
-                input_activations={"num_bits": 8, "type": "int", "strategy": "token", "dynamic": True}
+                input_activations={
+                    "num_bits": 8,
+                    "type": "int",
+                    "strategy": "token",
+                    "dynamic": True,
+                }
             ),
             "quantizes activations",
         ),
-        (lambda q: q["config_groups"]["group_0"]["weights"].update(type="float"), "weights type"),
-        (lambda q: q.update(config_groups={"W4A16": ["Linear"]}), "not a scheme with targets"),
+        (
+            lambda q: q["config_groups"]["group_0"]["weights"].update(type="float"),
+            "weights type",
+        ),
+        (
+            lambda q: q.update(config_groups={"W4A16": ["Linear"]}),
+            "not a scheme with targets",
+        ),
     ],
 )
 def test_unreadable_configs_are_reported(tmp_path, edit, message):
     model = _tiny_llama(seed=5)
     scheme = QuantScheme(bits=4, group_size=32)
-    out = save_compressed_tensors(model, None, _quantize(model, scheme), scheme, tmp_path / "ckpt")
+    out = save_compressed_tensors(
+        model, None, _quantize(model, scheme), scheme, tmp_path / "ckpt"
+    )
     _rewrite_quantization_config(out, edit)
     with pytest.raises(QuantkitError, match=message):
         load_quantized_model(out)
@@ -264,7 +305,9 @@ LIBRARY_CASES = [
 ]
 
 
-@pytest.mark.skipif(not HAS_COMPRESSED_TENSORS, reason="needs the compressed-tensors package")
+@pytest.mark.skipif(
+    not HAS_COMPRESSED_TENSORS, reason="needs the compressed-tensors package"
+)
 @pytest.mark.parametrize("scheme", LIBRARY_CASES, ids=[s.name for s in LIBRARY_CASES])
 def test_compressed_tensors_library_decompresses_the_checkpoint(tmp_path, scheme):
     from compressed_tensors.compressors import BaseCompressor
@@ -290,16 +333,22 @@ def test_compressed_tensors_library_decompresses_the_checkpoint(tmp_path, scheme
         assert torch.equal(weight, qw.dequantize().half())
 
 
-@pytest.mark.skipif(not HAS_COMPRESSED_TENSORS, reason="needs the compressed-tensors package")
+@pytest.mark.skipif(
+    not HAS_COMPRESSED_TENSORS, reason="needs the compressed-tensors package"
+)
 def test_transformers_loads_the_checkpoint(tmp_path):
-    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+    from transformers import AutoModelForCausalLM
 
     model = _tiny_llama(seed=7)
-    scheme = QuantScheme(bits=4, group_size=32, symmetric=False)
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=True)
     quantized = _quantize(model, scheme)
     out = save_compressed_tensors(model, None, quantized, scheme, tmp_path / "ckpt")
-    loaded = AutoModelForCausalLM.from_pretrained(
-        out, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
-    )
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.arange(8).reshape(1, 8)
+    with torch.no_grad():
+        # The first forward pass decompresses the packed layers.
+        logits = loaded(ids).logits
+        expected = _reference_model(model, quantized)(ids).logits
     for name, qw in quantized.items():
-        assert torch.equal(loaded.get_submodule(name).weight, qw.dequantize().half().float())
+        assert torch.equal(loaded.get_submodule(name).weight, qw.dequantize())
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)

@@ -187,3 +187,17 @@ def test_table_without_baseline_or_with_missing_values():
     assert data["models"][0]["change"]["ppl:wikipedia-heldout"] is None
     larger = EvalResult(model="big", footprint=Footprint(10, 40_000_000, 20_000_000))
     assert "2.21x larger" in render([larger], BASELINE)
+
+
+def test_agreement_rows_appear_beside_a_baseline():
+    from quantkit.eval.perplexity import PerplexityResult
+    from quantkit.eval.report import EvalResult, metric_value, metrics_of
+
+    ppl = {"wikitext2": PerplexityResult(10.0, 2.3, 100, 2, 50, "wikitext2")}
+    model = EvalResult(model="q", perplexity=ppl, extra={"agreement": {"wikitext2": {"top1_agreement": 0.9, "mean_kl": 0.05,
+                                                                     "positions": 10, "dataset": "wikitext2"}}})
+    base = EvalResult(model="f", perplexity=ppl)
+    keys = [m.key for m in metrics_of([base, model])]
+    assert keys[:3] == ["ppl:wikitext2", "agree:wikitext2", "kl:wikitext2"]
+    assert metric_value(model, "agree:wikitext2") == 0.9 and metric_value(model, "kl:wikitext2") == 0.05
+    assert metric_value(base, "agree:wikitext2") is None

@@ -11,6 +11,7 @@ Identities used:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -44,6 +45,11 @@ SCHEMES_AND_CONFIGS = [
 
 def correlated_inputs(seed: int = 0, tokens: int = TOKENS) -> torch.Tensor:
     """Activations mixed by a random matrix, with a few high-variance channels."""
+    return _correlated_inputs(seed, tokens).clone()
+
+
+@functools.cache
+def _correlated_inputs(seed: int, tokens: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     mixing = torch.randn(IN_FEATURES, IN_FEATURES, generator=gen) / IN_FEATURES**0.5
     x = torch.randn(tokens, IN_FEATURES, generator=gen) @ mixing

@@ -11,7 +11,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(path)
-    assert recipe.steps and recipe.format == "gptq"
+    assert recipe.steps and recipe.format in ("gptq", "awq", "compressed-tensors")
+    assert recipe.needs_calibration == (recipe.steps[0].method != "rtn")
     scheme = recipe.steps[0].quant_scheme()
     assert scheme.bits in (2, 3, 4, 8)
 
@@ -34,13 +35,13 @@ def test_command_line_recipe_matches_options():
 @pytest.mark.parametrize("data, message", [
     ({"steps": []}, "steps: must be a non-empty list"),
     ({"steps": [{"method": "rtn", "grop_size": 128}]}, "steps[0].grop_size: unknown field"),
-    ({"steps": [{"method": "magic"}]}, "steps[0].method: must be one of rtn"),
+    ({"steps": [{"method": "magic"}]}, "steps[0].method: must be one of rtn, gptq, awq"),
     ({"steps": [{"method": "rtn", "scheme": "w5a7"}]}, "steps[0].scheme: unknown scheme 'w5a7'"),
     ({"steps": [{"method": "rtn", "group_size": 0}]}, "steps[0].group_size: must be a positive integer"),
     ({"steps": [{"method": "rtn", "group_size": "128"}]}, "steps[0].group_size"),
     ({"steps": [{"method": "rtn", "symmetric": "yes"}]}, "steps[0].symmetric: must be true or false"),
     ({"steps": [{"method": "rtn", "ignore": "lm_head"}]}, "steps[0].ignore: must be a list"),
-    ({"steps": [{"method": "rtn"}], "format": "exl2"}, "format: must be one of gptq"),
+    ({"steps": [{"method": "rtn"}], "format": "exl2"}, "format: must be one of gptq, awq, compressed-tensors"),
     ({"steps": [{"method": "rtn"}], "calibration": {"num_samples": 0}}, "calibration.num_samples: must be an integer >= 1"),
     ({"steps": [{"method": "rtn"}], "calibration": {"datset": "x"}}, "calibration.datset: unknown field"),
     ({"steps": [{"method": "rtn"}, {"method": "rtn"}]}, "give one weight-quantization step"),
@@ -50,6 +51,27 @@ def test_command_line_recipe_matches_options():
 def test_bad_recipes_name_the_field(data, message):
     with pytest.raises(QuantkitError) as info:
         recipe_from_dict(data)
+    assert message in str(info.value)
+
+
+def test_gptq_options_reach_the_algorithm_config():
+    recipe = recipe_from_dict({"steps": [{"method": "gptq", "act_order": True, "damp_percent": 0.05,
+                                          "true_sequential": False}]})
+    config, true_sequential = recipe.steps[0].gptq_config()
+    assert (config.act_order, config.damp_percent, config.block_size, true_sequential) == (True, 0.05, 128, False)
+    assert recipe.to_dict()["steps"][0]["act_order"] is True
+
+
+@pytest.mark.parametrize("step, message", [
+    ({"method": "gptq", "damp_percent": 2.0}, "steps[0]: damp_percent must be a number between 0 and 1"),
+    ({"method": "gptq", "act_order": "yes"}, "steps[0].act_order: must be true or false"),
+    ({"method": "rtn", "act_order": True}, "steps[0].act_order: unknown field"),
+    ({"method": "awq", "grid": 0}, "steps[0]: AWQ grid must be a positive integer"),
+    ({"method": "awq", "damp_percent": 0.1}, "steps[0].damp_percent: unknown field"),
+])
+def test_method_options_are_validated(step, message):
+    with pytest.raises(QuantkitError) as info:
+        recipe_from_dict({"steps": [step]})
     assert message in str(info.value)
 
 

@@ -51,7 +51,13 @@ def metrics_of(results: list[EvalResult]) -> list[Metric]:
     for result in results:
         datasets += [name for name in result.perplexity if name not in datasets]
     datasets.sort(key=lambda name: name != "wikitext2")
-    rows = [Metric(f"ppl:{name}", f"{DATASET_LABELS.get(name, name)} ppl") for name in datasets]
+    rows = []
+    for name in datasets:
+        label = DATASET_LABELS.get(name, name)
+        rows.append(Metric(f"ppl:{name}", f"{label} ppl"))
+        if any(name in result.extra.get("agreement", {}) for result in results):
+            rows.append(Metric(f"agree:{name}", f"{label} top-1 agreement"))
+            rows.append(Metric(f"kl:{name}", f"{label} mean KL (nats)"))
     return rows + [Metric(key, label) for key, label in SIZE_METRICS]
 
 
@@ -59,6 +65,10 @@ def metric_value(result: EvalResult, key: str) -> float | None:
     if key.startswith("ppl:"):
         found = result.perplexity.get(key.removeprefix("ppl:"))
         return None if found is None else found.perplexity
+    if key.startswith(("agree:", "kl:")):
+        kind, name = key.split(":", 1)
+        found = result.extra.get("agreement", {}).get(name)
+        return None if found is None else found["top1_agreement" if kind == "agree" else "mean_kl"]
     return None if result.footprint is None else getattr(result.footprint, key)
 
 
@@ -87,6 +97,10 @@ def format_value(key: str, value: float | None) -> str:
         return MISSING
     if key.startswith("ppl:"):
         return f"{value:.2f}"
+    if key.startswith("agree:"):
+        return f"{100 * value:.2f}%"
+    if key.startswith("kl:"):
+        return f"{value:.4f}"
     if key == "parameters":
         return f"{value:,}"
     return f"{value / 1e6:.2f}"

@@ -90,7 +90,9 @@ def save_awq(
     _check_awq(model, quantized, scheme)
     qcfg = awq_quantization_config(model, quantized, scheme, algorithm_config or {})
     tensors = checkpoint_tensors(model, quantized, _pack_layer)
-    return write_quantized_folder(model, tokenizer, quantized, qcfg, tensors, out_dir, overwrite)
+    return write_quantized_folder(
+        model, tokenizer, quantized, qcfg, tensors, out_dir, overwrite
+    )
 
 
 def awq_quantization_config(
@@ -130,9 +132,13 @@ def load_awq_model(
     group_size = _read_awq_group_size(path)
     tensors = read_safetensors(path)
     model = empty_model(path, dtype)
-    packed = sorted(key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight"))
+    packed = sorted(
+        key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")
+    )
     for name in packed:
-        install_layer(model, name, _empty_layer(model, name, group_size, tensors), tensors, LAYOUT)
+        install_layer(
+            model, name, _empty_layer(model, name, group_size, tensors), tensors, LAYOUT
+        )
     return finish_loading(model, tensors, dtype, path, device)
 
 
@@ -141,7 +147,9 @@ def _pack_layer(qw: QuantizedWeight, bias: torch.Tensor | None) -> AwqLinear:
 
 
 def _check_awq(
-    model: PreTrainedModel, quantized: Mapping[str, QuantizedWeight], scheme: QuantScheme
+    model: PreTrainedModel,
+    quantized: Mapping[str, QuantizedWeight],
+    scheme: QuantScheme,
 ) -> None:
     if scheme.bits != AWQ_BITS:
         raise QuantkitError(
@@ -156,7 +164,9 @@ def _check_awq(
             "load it in float; keep it in the ignore list"
         )
     for name, qw in quantized.items():
-        if not torch.equal(qw.g_idx.cpu(), default_g_idx(qw.in_features, qw.group_size)):
+        if not torch.equal(
+            qw.g_idx.cpu(), default_g_idx(qw.in_features, qw.group_size)
+        ):
             raise QuantkitError(
                 f"layer '{name}' was quantized with act-order (permuted groups), which the AWQ "
                 "layout cannot store; quantize without act-order or use --format gptq"
@@ -173,7 +183,9 @@ def _read_awq_group_size(path: Path | str) -> int:
     """The group size of an AWQ GEMM 4-bit folder; anything else is refused."""
     qcfg = read_config_json(path).get("quantization_config")
     if not isinstance(qcfg, dict) or str(qcfg.get("quant_method", "")).lower() != "awq":
-        raise QuantkitError(f"'{path}' is not an AWQ checkpoint (config.json quant_method is not 'awq')")
+        raise QuantkitError(
+            f"'{path}' is not an AWQ checkpoint (config.json quant_method is not 'awq')"
+        )
     version = str(qcfg.get("version") or qcfg.get("format") or AWQ_VERSION).lower()
     if version != AWQ_VERSION:
         raise QuantkitError(
@@ -181,11 +193,15 @@ def _read_awq_group_size(path: Path | str) -> int:
         )
     bits = qcfg.get("bits", qcfg.get("w_bit"))
     if bits != AWQ_BITS:
-        raise QuantkitError(f"'{path}/config.json' has AWQ bits {bits!r}; the GEMM layout is 4-bit")
+        raise QuantkitError(
+            f"'{path}/config.json' has AWQ bits {bits!r}; the GEMM layout is 4-bit"
+        )
     group_size = qcfg.get("group_size", qcfg.get("q_group_size"))
     valid = isinstance(group_size, int) and not isinstance(group_size, bool)
     if not valid or (group_size != -1 and group_size <= 0):
-        raise QuantkitError(f"'{path}/config.json' has an invalid AWQ group_size {group_size!r}")
+        raise QuantkitError(
+            f"'{path}/config.json' has an invalid AWQ group_size {group_size!r}"
+        )
     return group_size
 
 

@@ -104,14 +104,18 @@ def save_compressed_tensors(
     """
     check_quantized_layers(model, quantized, scheme, LAYOUT)
     for name, qw in quantized.items():
-        if not torch.equal(qw.g_idx.cpu(), default_g_idx(qw.in_features, qw.group_size)):
+        if not torch.equal(
+            qw.g_idx.cpu(), default_g_idx(qw.in_features, qw.group_size)
+        ):
             raise QuantkitError(
                 f"layer '{name}' was quantized with act-order (permuted groups), which current "
                 "compressed-tensors cannot load; quantize without act-order or use --format gptq"
             )
     qcfg = compressed_tensors_quantization_config(model, quantized, scheme)
     tensors = checkpoint_tensors(model, quantized, _pack_layer)
-    return write_quantized_folder(model, tokenizer, quantized, qcfg, tensors, out_dir, overwrite)
+    return write_quantized_folder(
+        model, tokenizer, quantized, qcfg, tensors, out_dir, overwrite
+    )
 
 
 def compressed_tensors_quantization_config(
@@ -192,14 +196,19 @@ def _pack_layer(qw: QuantizedWeight, bias: torch.Tensor | None) -> PackQuantized
 def _read_config_groups(path: Path | str) -> list[dict]:
     """The config groups of a ``pack-quantized`` folder, each checked to be weight-only int."""
     qcfg = read_config_json(path).get("quantization_config")
-    if not isinstance(qcfg, dict) or str(qcfg.get("quant_method", "")).lower() != QUANT_METHOD:
+    if (
+        not isinstance(qcfg, dict)
+        or str(qcfg.get("quant_method", "")).lower() != QUANT_METHOD
+    ):
         raise QuantkitError(
             f"'{path}' is not a compressed-tensors checkpoint (config.json quant_method is not "
             f"'{QUANT_METHOD}')"
         )
     groups = qcfg.get("config_groups")
     if not isinstance(groups, dict) or not groups:
-        raise QuantkitError(f"'{path}/config.json' has no compressed-tensors config_groups")
+        raise QuantkitError(
+            f"'{path}/config.json' has no compressed-tensors config_groups"
+        )
     checked = []
     for label, group in groups.items():
         if not isinstance(group, dict) or not isinstance(group.get("targets"), list):
@@ -226,7 +235,9 @@ def _check_weight_only(group: dict, label: str, path: Path | str) -> None:
         )
     args = group.get("weights")
     if not isinstance(args, dict):
-        raise QuantkitError(f"config group '{label}' of '{path}' has no weights quantization args")
+        raise QuantkitError(
+            f"config group '{label}' of '{path}' has no weights quantization args"
+        )
     strategy = str(args.get("strategy", "")).lower()
     problems = {
         "type": str(args.get("type", "int")).lower() != "int",
@@ -253,7 +264,9 @@ def _weight_args_for(
     for group in groups:
         if any(_matches(target, name, module) for target in group["targets"]):
             return group["weights"]
-    raise QuantkitError(f"'{path}' stores layer '{name}' packed, but no config group targets it")
+    raise QuantkitError(
+        f"'{path}' stores layer '{name}' packed, but no config group targets it"
+    )
 
 
 def _matches(target: str, name: str, module: nn.Module) -> bool:

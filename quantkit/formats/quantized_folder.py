@@ -63,9 +63,13 @@ def check_quantized_layers(
             scheme.group_size,
             scheme.symmetric,
         ):
-            raise ValueError(f"'{name}' was quantized with a different scheme than {scheme.name}")
+            raise ValueError(
+                f"'{name}' was quantized with a different scheme than {scheme.name}"
+            )
         if qw.symmetric and not bool((qw.zeros == 1 << (qw.bits - 1)).all()):
-            raise ValueError(f"symmetric layer '{name}' must use zero point {1 << (qw.bits - 1)}")
+            raise ValueError(
+                f"symmetric layer '{name}' must use zero point {1 << (qw.bits - 1)}"
+            )
 
 
 def float_linears(model: nn.Module, quantized: Iterable[str]) -> list[str]:
@@ -102,7 +106,9 @@ def checkpoint_tensors(
             continue
         seen.add(value.data_ptr())
         value = value.detach().cpu()
-        tensors[key] = (value.to(STORAGE_DTYPE) if value.is_floating_point() else value).contiguous()
+        tensors[key] = (
+            value.to(STORAGE_DTYPE) if value.is_floating_point() else value
+        ).contiguous()
     return tensors
 
 

@@ -93,7 +93,9 @@ class AwqLinear(DequantLinear):
     ) -> AwqLinear:
         """Pack a 4-bit ``QuantizedWeight`` with consecutive groups into a new layer."""
         if qw.bits != AWQ_BITS:
-            raise ValueError(f"the AWQ GEMM layout holds 4-bit codes, got {qw.bits}-bit")
+            raise ValueError(
+                f"the AWQ GEMM layout holds 4-bit codes, got {qw.bits}-bit"
+            )
         layer = cls(
             qw.in_features, qw.out_features, qw.group_size,
             bias=bias is not None, dtype=dtype, device=qw.codes.device,

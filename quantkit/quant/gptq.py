@@ -125,11 +125,8 @@ def gptq_quantize(
     hinv_upper = _inverse_cholesky_upper(h, config.damp_percent, module_name)
     del h
 
-    order = list(range(cols)) if perm is None else perm.tolist()
-    group_index = torch.tensor(
-        _group_of_processed_column(order, scheme.group_size, dynamic),
-        dtype=torch.long,
-        device=device,
+    group_index = _group_of_processed_column(
+        cols, scheme.group_size, perm, dynamic, device
     )
     if dynamic:
         params = _empty_params(cols // scheme.group_size, rows, device)
@@ -137,14 +134,29 @@ def gptq_quantize(
         weight_t, hinv_upper, params, group_index, scheme, config.block_size, dynamic
     )
 
+    return _record(shifted_codes_t, params, group_index, perm, scheme, dynamic), float(
+        loss
+    ) / 2
+
+
+def _record(
+    shifted_codes_t: torch.Tensor,
+    params: _GroupParams,
+    group_index: torch.Tensor,
+    perm: torch.Tensor | None,
+    scheme: QuantScheme,
+    dynamic: bool,
+) -> QuantizedWeight:
+    """Codes back in original column order, and each original column's group."""
+    cols = shifted_codes_t.shape[0]
     codes_t = shifted_codes_t + params.zeros.index_select(0, group_index)
-    g_idx = default_g_idx(cols, scheme.group_size, device)
+    g_idx = default_g_idx(cols, scheme.group_size, codes_t.device)
     if perm is not None:
         inverse = torch.argsort(perm)
         codes_t = codes_t.index_select(0, inverse)
-        if dynamic:
+        if dynamic:  # groups follow processing order: g_idx[perm[j]] = j // group_size
             g_idx = g_idx.index_select(0, inverse)
-    result = QuantizedWeight(
+    return QuantizedWeight(
         codes=codes_t.t().to(torch.int32).contiguous(),
         scales=params.scales.t().contiguous(),
         zeros=params.zeros.t().contiguous(),
@@ -153,7 +165,6 @@ def gptq_quantize(
         group_size=scheme.group_size,
         symmetric=scheme.symmetric,
     )
-    return result, float(loss) / 2
 
 
 def _quantize_columns(
@@ -336,14 +347,18 @@ def _set_group_params(
 
 
 def _group_of_processed_column(
-    order: list[int], group_size: int, dynamic: bool
-) -> list[int]:
+    cols: int,
+    group_size: int,
+    perm: torch.Tensor | None,
+    dynamic: bool,
+    device: torch.device,
+) -> torch.Tensor:
     """Group of the j-th processed column: by processing position, or by original column."""
     if group_size == -1:
-        return [0] * len(order)
-    if dynamic:
-        return [j // group_size for j in range(len(order))]
-    return [column // group_size for column in order]
+        return torch.zeros(cols, dtype=torch.long, device=device)
+    if dynamic or perm is None:
+        return torch.arange(cols, device=device) // group_size
+    return perm // group_size
 
 
 def _processing_order(h: torch.Tensor, act_order: bool) -> torch.Tensor | None:

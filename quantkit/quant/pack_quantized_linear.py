@@ -107,7 +107,9 @@ class PackQuantizedLinear(DequantLinear):
             "weight_scale",
             torch.zeros(out_features, n_groups, dtype=dtype, device=device),
         )
-        shape = torch.tensor([out_features, in_features], dtype=torch.int64, device=device)
+        shape = torch.tensor(
+            [out_features, in_features], dtype=torch.int64, device=device
+        )
         self.register_buffer("weight_shape", shape)
         if not symmetric:
             self.register_buffer(
@@ -115,7 +117,9 @@ class PackQuantizedLinear(DequantLinear):
                 torch.zeros(packed_width(out_features, bits), n_groups, **words),
             )
         if g_idx:
-            self.register_buffer("weight_g_idx", consecutive_groups(in_features, group_size, device))
+            self.register_buffer(
+                "weight_g_idx", consecutive_groups(in_features, group_size, device)
+            )
         self._init_bias(bias, dtype, device)
 
     @classmethod
