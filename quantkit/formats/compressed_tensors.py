@@ -39,12 +39,22 @@ Facts this layout rests on, from the sources of the tools that write and read it
   group size; ``actorder: "group"``, the only mode with ``weight_g_idx``, is rejected since 0.20),
   ``quantization/quant_scheme.py`` (the ``W4A16``/``W8A16``/``W4A16_ASYM`` presets) and
   ``compressors/model_compressors/model_compressor.py`` (``update_config``: the top-level keys).
-* vLLM ``compressed_tensors/compressed_tensors.py`` (``ignore`` and ``targets`` matching; layers
-  must be ``LinearBase``, so a quantized lm_head is not loaded there) and
+* vLLM ``compressed_tensors/compressed_tensors.py`` (``ignore`` and ``targets`` matching; only
+  ``LinearBase`` layers are quantized, so vLLM cannot load a quantized lm_head, which
+  compressed-tensors, transformers and quantkit do load) and
   ``schemes/compressed_tensors_wNa16.py`` (4 and 8 bits; symmetric as ``uint4b8``/``uint8b128``,
   asymmetric as ``uint4``/``uint8`` with ``weight_zero_point`` (out / pack_factor, G)).
 * transformers ``utils/quantization_config.py`` (``CompressedTensorsConfig`` hands the dict to
   ``compressed_tensors.QuantizationConfig``).
+
+Bit widths: vLLM runs 4- and 8-bit ``pack-quantized`` weights; 2- and 3-bit checkpoints load in
+compressed-tensors and transformers (and quantkit). For 2, 4 and 8 bits every compressed-tensors
+release packs alike; for 3 bits releases before the dense packing put 10 values in a word (2 bits
+unused), so a 3-bit checkpoint needs a compressed-tensors with dense packing (0.20 has it).
+
+Asymmetric checkpoints load in transformers with ``CompressedTensorsConfig(dequantize=True)``;
+its default compressed mode (transformers 5.23, compressed-tensors 0.20) sizes
+``weight_zero_point`` unpacked and refuses the packed tensor the library itself writes.
 
 Act-order weights (a permuted g_idx) are refused: the current library rejects ``actorder:
 "group"``. The reader still accepts ``weight_g_idx`` in older checkpoints. The writer's

@@ -84,6 +84,7 @@ class LayerContext:
 
 
 def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:
-    return QuantizedWeight(codes=qweight.codes.cpu(), scales=qweight.scales.cpu(), zeros=qweight.zeros.cpu(),
+    # codes fit a byte (bits <= 8): a quarter of the int32 memory while the model waits to be written
+    return QuantizedWeight(codes=qweight.codes.to(torch.uint8).cpu(), scales=qweight.scales.cpu(), zeros=qweight.zeros.cpu(),
                            g_idx=qweight.g_idx.cpu(), bits=qweight.bits, group_size=qweight.group_size,
                            symmetric=qweight.symmetric)

@@ -48,6 +48,8 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
     """
     (step,) = recipe.steps
     device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     method = _layer_method(step)
     layers = adapter.decoder_layers(model)
     batches = None
@@ -58,8 +60,6 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
         batches = capture_first_layer_inputs(model, layers, samples, device=device, batch_size=batch_size,
                                              storage=storage)
     result = PipelineResult(quantized={}, layers=[], skipped=[])
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     prefix, scheme = adapter.layer_prefix(model), step.quant_scheme()
     for index, layer in enumerate(layers):
         started = time.perf_counter()

@@ -30,8 +30,15 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.errors import QuantkitError
-from quantkit.quant.awq_clip import quantize_clipped, search_clip_ranges
-from quantkit.quant.awq_error import gram, output_error, subsample_rows
+from quantkit.quant.awq_clip import fake_quantize_clipped, quantize_clipped, search_clip_ranges
+from quantkit.quant.awq_error import (
+    diagonal_blocks,
+    gram,
+    gram_blocks,
+    output_error,
+    scale_blocks,
+    subsample_rows,
+)
 from quantkit.quant.qdq import fake_quantize
 from quantkit.quant.rtn import QuantizedWeight, rtn_quantize
 from quantkit.quant.scheme import QuantScheme, check_group_size
@@ -53,6 +60,7 @@ class AWQConfig:
     clip_max_shrink: float = 0.5
     max_tokens: int = 4096  # rows of x that output_fn sees (the default loss uses every row)
     duo_scaling: bool = False  # s = x̄^α / w̄^(1-α) instead of s = x̄^α
+    clip_in_scale_search: bool = True  # score each α with the clipping that will follow it
 
     def __post_init__(self) -> None:
         for name in ("grid", "clip_grid", "max_tokens"):
@@ -64,7 +72,7 @@ class AWQConfig:
             raise QuantkitError(
                 f"AWQ clip_max_shrink must be a number in [0, 1), got {shrink!r}; 0.5 is the usual value"
             )
-        for name in ("clip", "duo_scaling"):
+        for name in ("clip", "duo_scaling", "clip_in_scale_search"):
             if not isinstance(getattr(self, name), bool):
                 raise QuantkitError(f"AWQ {name} must be true or false, got {getattr(self, name)!r}")
 
@@ -72,6 +80,7 @@ class AWQConfig:
         return [i / self.grid for i in range(self.grid)]
 
     def clip_ratios(self) -> torch.Tensor:
+        """Shrink ratios, 1.0 first."""
         return torch.linspace(1.0, 1.0 - self.clip_max_shrink, self.clip_grid)
 
 
@@ -85,29 +94,37 @@ def awq_search_scales(
 ) -> tuple[torch.Tensor, dict]:
     """Per-input-channel scales ``s`` (in,) > 0 for a group of linears that read ``x`` (tokens, in).
 
-    Minimises ``Σ_linears ||x Wᵀ - (x / s) Q(W·s)ᵀ||²`` over the candidates (or, with
-    ``output_fn``, the squared error of ``output_fn(x, [Q(W·s) / s, ...])`` against
-    ``output_fn(x, weights)`` on up to ``max_tokens`` rows of ``x``). Returns ``s`` on ``x``'s
-    device and a report: ``alpha`` (0.0 when ``s = 1`` won), ``scaled`` (False when ``s = 1``
-    won), ``error`` and ``error_rtn`` (mean squared output error per element, chosen and at
-    ``s = 1``).
+    Minimises ``Σ_linears ||x Wᵀ - (x / s) Q(W·s)ᵀ||²`` over the candidates, ``Q`` being the
+    quantization that will be stored: zero points >= 1, fp16 scales and, when ``config.clip`` and
+    ``config.clip_in_scale_search``, the clipped ranges ``awq_search_clip`` will then choose. With
+    ``output_fn`` the error is that of ``output_fn(x, [Q(W·s) / s, ...])`` against
+    ``output_fn(x, weights)`` instead, on ``x``'s rows (a seeded subsample of ``max_tokens`` rows
+    when there are more). ``s = 1`` is always a candidate, so the chosen error is never above the
+    unscaled one (``error_unscaled``), which without clipping is plain RTN's (``error_rtn``).
+
+    Returns ``s`` on ``x``'s device and a report: ``alpha`` (0.0 when ``s = 1`` won), ``scaled``
+    (False when ``s = 1`` won), and the mean squared output error per element ``error`` (chosen),
+    ``error_unscaled`` (``s = 1``, same quantizer) and ``error_rtn`` (``s = 1``, plain RTN).
     """
     _check_shapes(x, weights)
     check_group_size(x.shape[1], scheme.group_size, "<weight>")
-    stacked = torch.cat([w.detach().float().to(x.device) for w in weights])
     x = x.float()
-    score = _scorer(x, stacked, [w.shape[0] for w in weights], scheme, config, output_fn)
-    ones = torch.ones(x.shape[1], device=x.device)
-    candidates = [ones] + [_candidate(x, stacked, scheme, config, a) for a in config.alphas()]
-    errors = torch.stack([score(s) for s in candidates]).tolist()
+    stacked = torch.cat([w.detach().float().to(x.device) for w in weights])
+    hessian = gram(x)
+    score = _scorer(x, stacked, hessian, [w.shape[0] for w in weights], config, output_fn)
+    represent = _representer(stacked, hessian, scheme, config)
+    candidates = _candidates(x, stacked, scheme, config)
+    errors = torch.stack([score(represent(scales)) for scales in candidates]).tolist()
     best = min(range(len(errors)), key=errors.__getitem__)  # ties keep s = 1
+    plain = fake_quantize(stacked, scheme, min_zero=1, fp16_scales=True)
     report = {
         "alpha": 0.0 if best == 0 else config.alphas()[best - 1],
         "scaled": best != 0,
         "error": errors[best],
-        "error_rtn": errors[0],
+        "error_unscaled": errors[0],
+        "error_rtn": score(plain).item() if _clips_in_search(config) else errors[0],
     }
-    return candidates[best], report
+    return candidates[best].clone(), report
 
 
 def awq_search_clip(
@@ -121,7 +138,8 @@ def awq_search_clip(
     """
     _check_shapes(x, [weight])
     check_group_size(weight.shape[1], scheme.group_size, "<weight>")
-    return search_clip_ranges(x.float(), weight, scheme, config.clip_ratios())
+    blocks = gram_blocks(x.float().to(weight.device), scheme.group_size)
+    return search_clip_ranges(weight, blocks, scheme, config.clip_ratios().tolist())
 
 
 def awq_quantize(
@@ -136,39 +154,57 @@ def awq_quantize(
     return quantize_clipped(weight, scheme, clip, module_name)
 
 
-def _candidate(
-    x: torch.Tensor, stacked: torch.Tensor, scheme: QuantScheme, config: AWQConfig, alpha: float
+def _clips_in_search(config: AWQConfig) -> bool:
+    return config.clip and config.clip_in_scale_search
+
+
+def _candidates(
+    x: torch.Tensor, stacked: torch.Tensor, scheme: QuantScheme, config: AWQConfig
 ) -> torch.Tensor:
-    x_mean = _relative(x.abs().mean(0))
-    scales = x_mean.pow(alpha)
+    """Candidate scales (1 + grid, in): ``s = 1`` first, then one row per α."""
+    x_mean = _relative(torch.linalg.vector_norm(x, ord=1, dim=0) / x.shape[0])
+    alphas = torch.tensor(config.alphas(), device=x.device).unsqueeze(1)
+    scales = x_mean.pow(alphas)
     if config.duo_scaling:
-        scales = scales / _relative(_weight_magnitude(stacked, scheme.group_size)).pow(1.0 - alpha)
+        scales = scales / _relative(_weight_magnitude(stacked, scheme.group_size)).pow(1.0 - alphas)
     scales = scales.clamp_min(_FLOOR)
-    return scales / (scales.max() * scales.min()).sqrt()
+    scales = scales / (scales.amax(1, keepdim=True) * scales.amin(1, keepdim=True)).sqrt()
+    return torch.cat([torch.ones_like(x_mean).unsqueeze(0), scales])
+
+
+def _representer(
+    stacked: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, config: AWQConfig
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A function from scales ``s`` to the weights the layer will represent: ``Q(W·s) / s``."""
+    if not _clips_in_search(config):
+        return lambda scales: fake_quantize(stacked * scales, scheme, min_zero=1, fp16_scales=True) / scales
+    blocks = diagonal_blocks(hessian, scheme.group_size)
+    ratios = config.clip_ratios().tolist()
+
+    def represent(scales: torch.Tensor) -> torch.Tensor:
+        scaled = stacked * scales
+        ranges = search_clip_ranges(scaled, scale_blocks(blocks, scales), scheme, ratios)
+        return fake_quantize_clipped(scaled, ranges, scheme) / scales
+
+    return represent
 
 
 def _scorer(
     x: torch.Tensor,
     stacked: torch.Tensor,
+    hessian: torch.Tensor,
     rows: list[int],
-    scheme: QuantScheme,
     config: AWQConfig,
     output_fn: OutputFn | None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function from scales ``s`` to the group's mean squared output error (a 0-d tensor)."""
-
-    def represented(scales: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(stacked * scales, scheme, min_zero=1, fp16_scales=True) / scales
-
+    """A function from represented weights to the group's mean squared output error (0-d tensor)."""
     if output_fn is None:
-        hessian = gram(x)
         elements = x.shape[0] * stacked.shape[0]
-        return lambda scales: output_error(stacked - represented(scales), hessian) / elements
-
+        return lambda represented: output_error(stacked - represented, hessian) / elements
     sample = subsample_rows(x, config.max_tokens)
     reference = output_fn(sample, list(stacked.split(rows))).float()
-    return lambda scales: (
-        (output_fn(sample, list(represented(scales).split(rows))).float() - reference).pow(2).mean()
+    return lambda represented: (
+        (output_fn(sample, list(represented.split(rows))).float() - reference).pow(2).mean()
     )
 
 

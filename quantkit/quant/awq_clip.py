@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.quant.awq_error import gram_blocks, group_output_errors, row_chunks
+from quantkit.quant.awq_error import group_output_errors, row_chunks
 from quantkit.quant.qdq import compute_qparams, dequantize, quantize
 from quantkit.quant.rtn import QuantizedWeight, default_g_idx
 from quantkit.quant.scheme import QuantScheme, check_group_size
@@ -51,14 +51,14 @@ def fake_quantize_clipped(weight: torch.Tensor, ranges: torch.Tensor, scheme: Qu
 
 
 def search_clip_ranges(
-    x: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme, ratios: torch.Tensor
+    weight: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme, ratios: list[float]
 ) -> torch.Tensor:
     """Per group, the range ``ratio · full range`` (out, n_groups, 2) with the least output error.
 
-    ``ratios`` must start with 1.0, so a group is clipped only when clipping strictly helps.
+    ``blocks`` are the diagonal blocks of the inputs' Gram matrix (``gram_blocks``). ``ratios``
+    must start with 1.0, so a group is clipped only when clipping strictly helps.
     """
     weight = weight.float()
-    blocks = gram_blocks(x.to(weight.device), scheme.group_size)
     full = full_ranges(weight, scheme)
     best = torch.ones(full.shape[:2], device=weight.device)
     for rows in row_chunks(weight.shape[0], weight.shape[1]):
@@ -95,11 +95,11 @@ def _best_ratios(
     full: torch.Tensor,
     blocks: torch.Tensor,
     scheme: QuantScheme,
-    ratios: torch.Tensor,
+    ratios: list[float],
 ) -> torch.Tensor:
     best_error = torch.full(full.shape[:2], torch.inf, device=weight.device)
     best_ratio = torch.ones_like(best_error)
-    for ratio in ratios.tolist():
+    for ratio in ratios:
         delta = weight - fake_quantize_clipped(weight, full * ratio, scheme)
         error = group_output_errors(delta, blocks)
         better = error < best_error

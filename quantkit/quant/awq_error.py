@@ -28,6 +28,22 @@ def gram_blocks(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return grouped.transpose(1, 2) @ grouped
 
 
+def diagonal_blocks(hessian: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The diagonal blocks (n_groups, size, size) of a full ``XᵀX`` (in, in)."""
+    in_features = hessian.shape[0]
+    size = in_features if group_size == -1 else group_size
+    n_groups = in_features // size
+    tiles = hessian.reshape(n_groups, size, n_groups, size).transpose(1, 2)
+    index = torch.arange(n_groups, device=hessian.device)
+    return tiles[index, index]
+
+
+def scale_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Blocks of ``(X / s)ᵀ(X / s)`` from blocks of ``XᵀX``: the Gram matrix of folded inputs."""
+    inverse = (1.0 / scales).reshape(blocks.shape[0], -1)
+    return blocks * inverse.unsqueeze(-1) * inverse.unsqueeze(-2)
+
+
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """``Σ_rows d H dᵀ`` (a 0-d tensor): the squared output error of weight error ``delta``."""
     return ((delta @ hessian) * delta).sum()
