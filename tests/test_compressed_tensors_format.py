@@ -202,9 +202,14 @@ def test_layers_left_in_float_are_ignored_by_name(tmp_path):
     scheme = QuantScheme(
         bits=4, group_size=32, ignore=("lm_head", "re:.*self_attn\\.o_proj")
     )
-    out = save_compressed_tensors(
-        model, None, _quantize(model, scheme), scheme, tmp_path / "ckpt"
-    )
+    quantized = _quantize(model, scheme)
+    for qw in quantized.values():  # the pipeline hands codes over as bytes
+        qw.codes = qw.codes.to(torch.uint8)
+    out = save_compressed_tensors(model, None, quantized, scheme, tmp_path / "ckpt")
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj"
+    decoded = _decode_layer(tensors, name, 4, 32, symmetric=True)
+    assert torch.equal(decoded, quantized[name].dequantize())
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["ignore"] == [
         "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj", "lm_head",

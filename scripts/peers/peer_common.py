@@ -80,14 +80,16 @@ def calibration_ids(tokenizer):
     return calibration_samples(tokenizer, source, **options)
 
 
-def evaluate(model, tokenizer, max_windows: int | None, phases: Phases) -> dict:
+def evaluate(
+    model, tokenizer, max_windows: int | None, phases: Phases, label: str = "eval"
+) -> dict:
     """quantkit's perplexity on each evaluation text, seq_len 512, first `max_windows` windows."""
     from quantkit.data import evaluation_text
     from quantkit.eval.perplexity import perplexity
 
     results = {}
     for name in EVAL_DATASETS:
-        with phases.measure(f"eval_{name}"):
+        with phases.measure(f"{label}_{name}"):
             result = perplexity(
                 model,
                 tokenizer,
