@@ -36,7 +36,7 @@ METHOD_OPTIONS: dict[str, dict[str, type]] = {
     "gptq": {"damp_percent": float, "block_size": int, "act_order": bool, "static_groups": bool,
              "true_sequential": bool},
     "awq": {"grid": int, "clip": bool, "clip_grid": int, "clip_max_shrink": float, "max_tokens": int,
-            "duo_scaling": bool},
+            "duo_scaling": bool, "clip_in_scale_search": bool},
 }
 WEIGHT_METHODS = tuple(METHOD_OPTIONS)
 COMMON_STEP_FIELDS = ("method", "scheme", "group_size", "symmetric", "ignore")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from quantkit.quant.awq_error import group_output_errors, row_chunks
-from quantkit.quant.qdq import compute_qparams, dequantize, quantize
+from quantkit.quant.qdq import compute_qparams, max_code, quantize
 from quantkit.quant.rtn import QuantizedWeight, default_g_idx
 from quantkit.quant.scheme import QuantScheme, check_group_size
 
@@ -44,10 +44,17 @@ def range_qparams(
 
 
 def fake_quantize_clipped(weight: torch.Tensor, ranges: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """``weight`` (out, in) float32 rounded onto the grids of ``ranges``, as ``awq_quantize`` stores it."""
+    """``weight`` (out, in) float32 rounded onto the grids of ``ranges``, as ``awq_quantize`` stores it.
+
+    Equal, bit for bit, to ``dequantize(quantize(...))`` with the same parameters, in fewer passes
+    (the searches call it hundreds of times): ``clamp(round(w / scale), -zero, maxq - zero) * scale``.
+    """
     scales, zeros = range_qparams(ranges, scheme)
-    codes = quantize(weight, scales, zeros, scheme.bits, scheme.group_size)
-    return dequantize(codes, scales, zeros, scheme.group_size)
+    groups = _grouped(weight.float(), scheme.group_size)
+    step = scales.unsqueeze(-1)
+    low = -zeros.to(torch.float32).unsqueeze(-1)
+    steps = torch.round(groups / step).clamp_(min=low, max=low + max_code(scheme.bits))
+    return (steps * step).reshape(weight.shape)
 
 
 def search_clip_ranges(

@@ -22,30 +22,28 @@ from quantkit.models.adapters import get_adapter
 from quantkit.pipeline import quantize_model
 from quantkit.recipe import weight_quant_recipe
 
+TINY = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=1024, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=False)
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                  vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
 
 
-def random_model(layers: int) -> LlamaForCausalLM:
-    config = LlamaConfig(num_hidden_layers=layers, **LLAMA3_8B)
+def random_model(layers: int, shape: dict, device: str) -> LlamaForCausalLM:
+    config = LlamaConfig(num_hidden_layers=layers, **shape)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     model.to_empty(device="cpu")
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
-                value = torch.ones(param.shape, device="cuda", dtype=torch.bfloat16)
+                value = torch.ones(param.shape, device=device, dtype=torch.bfloat16)
             else:
-                value = torch.randn(param.shape, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02
+                value = torch.randn(param.shape, device=device, dtype=torch.bfloat16, generator=gen) * 0.02
             param.data = value.cpu()
-        model.model.rotary_emb.inv_freq = model.model.rotary_emb.original_inv_freq = _inv_freq(config)
+    # to_empty left the rotary tables uninitialised: build them again on the CPU
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
     return model.eval().requires_grad_(False)
-
-
-def _inv_freq(config: LlamaConfig) -> torch.Tensor:
-    head_dim = config.hidden_size // config.num_attention_heads
-    return 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
 
 
 def main() -> None:
@@ -56,27 +54,31 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--tiny", action="store_true", help="a small shape on the CPU (smoke test of this script)")
     args = ap.parse_args()
+    shape, device = (TINY, "cpu") if args.tiny else (LLAMA3_8B, "cuda")
 
     t0 = time.perf_counter()
-    model = random_model(args.layers)
+    model = random_model(args.layers, shape, device)
     build_s = time.perf_counter() - t0
-    samples = torch.randint(0, LLAMA3_8B["vocab_size"], (args.samples, args.seq_len),
+    samples = torch.randint(0, shape["vocab_size"], (args.samples, args.seq_len),
                             generator=torch.Generator().manual_seed(0))
     recipe = weight_quant_recipe("w4a16", group_size=128, method=args.method,
                                  symmetric=args.method != "awq")
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
     start = time.perf_counter()
-    result = quantize_model(model, get_adapter(model), recipe, device="cuda", samples=samples,
+    result = quantize_model(model, get_adapter(model), recipe, device=device, samples=samples,
                             batch_size=args.batch_size)
-    torch.cuda.synchronize()
+    sync()
     seconds = time.perf_counter() - start
+    peak = result.peak_device_bytes or 0
     figures = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "method": args.method,
-        "scheme": "w4a16 g128", "model": f"Llama-3-8B shape, {args.layers} layers, bf16, random",
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "method": args.method,
+        "scheme": "w4a16 g128", "model": f"{'tiny' if args.tiny else 'Llama-3-8B'} shape, {args.layers} layers, bf16, random",
         "calibration": f"{args.samples} x {args.seq_len} tokens", "batch_size": args.batch_size,
         "seconds": round(seconds, 1), "seconds_per_layer": round(seconds / args.layers, 2),
-        "peak_gpu_gib": round(result.peak_device_bytes / 2**30, 2), "model_build_seconds": round(build_s, 1),
+        "peak_gpu_gib": round(peak / 2**30, 2), "model_build_seconds": round(build_s, 1),
         "quantized_linears": len(result.quantized),
         "mean_layer_output_error": sum(r.output_error for r in result.layers) / len(result.layers),
     }
