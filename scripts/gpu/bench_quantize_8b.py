@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--offload-activations", action="store_true", help="keep calibration activations in CPU memory")
     ap.add_argument("--tiny", action="store_true", help="a small shape on the CPU (smoke test of this script)")
     args = ap.parse_args()
     shape, device = (TINY, "cpu") if args.tiny else (LLAMA3_8B, "cuda")
@@ -69,14 +70,14 @@ def main() -> None:
     sync()
     start = time.perf_counter()
     result = quantize_model(model, get_adapter(model), recipe, device=device, samples=samples,
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, offload_activations=args.offload_activations)
     sync()
     seconds = time.perf_counter() - start
     peak = result.peak_device_bytes or 0
     figures = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "method": args.method,
         "scheme": "w4a16 g128", "model": f"{'tiny' if args.tiny else 'Llama-3-8B'} shape, {args.layers} layers, bf16, random",
-        "calibration": f"{args.samples} x {args.seq_len} tokens", "batch_size": args.batch_size,
+        "calibration": f"{args.samples} x {args.seq_len} tokens", "batch_size": args.batch_size, "offload_activations": args.offload_activations,
         "seconds": round(seconds, 1), "seconds_per_layer": round(seconds / args.layers, 2),
         "peak_gpu_gib": round(peak / 2**30, 2), "model_build_seconds": round(build_s, 1),
         "quantized_linears": len(result.quantized),
