@@ -1,14 +1,18 @@
 """AWQ GEMM checkpoints: tensors decoded by an independent reader, config fields, load-back, refusals."""
 
-import copy
 import json
 
 import pytest
 import torch
+from quant_helpers import (
+    assert_logits_match,
+    quantize_linears,
+    tiny_llama,
+    tiny_tokenizer,
+    write_config,
+)
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
@@ -16,51 +20,10 @@ from quantkit.formats import load_quantized_model
 from quantkit.formats.awq import load_awq_model, save_awq
 from quantkit.models.loading import load_model
 from quantkit.quant.awq_linear import AwqLinear, pack_awq, unpack_awq
-from quantkit.quant.rtn import rtn_quantize
 from quantkit.quant.scheme import QuantScheme
-from quantkit.quant.weights import set_weight_out_in
 
 # Nibble k of a word holds output column 8c + AWQ_ORDER[k] (AutoAWQ's gemm.py order map).
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
-
-
-def _tiny_llama(
-    seed: int = 0, tie: bool = False, intermediate: int = 256
-) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=128, intermediate_size=intermediate, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, vocab_size=256, tie_word_embeddings=tie,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
-
-
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    backend = Tokenizer(
-        models.WordLevel({"a": 0, "b": 1, "<unk>": 2}, unk_token="<unk>")
-    )
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
-
-
-def _quantize(model: nn.Module, scheme: QuantScheme) -> dict:
-    # AWQ stores zero points as they are, so a zero point of 0 is allowed (min_zero=0).
-    return {
-        name: rtn_quantize(module.weight, scheme, min_zero=0, module_name=name)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not scheme.is_ignored(name)
-    }
-
-
-def _reference_model(model: nn.Module, quantized: dict) -> nn.Module:
-    """The float model as the checkpoint represents it: fp16-rounded tensors, dequantized linears."""
-    reference = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.copy_(param.half().float())
-    for name, qw in quantized.items():
-        set_weight_out_in(reference.get_submodule(name), qw.dequantize())
-    return reference
 
 
 def _unpack_awq_words(words: torch.Tensor) -> torch.Tensor:
@@ -108,10 +71,10 @@ CASES = [
 
 @pytest.mark.parametrize("scheme", CASES, ids=[s.name for s in CASES])
 def test_written_checkpoint_decodes_and_loads_back(tmp_path, scheme):
-    model = _tiny_llama()
-    quantized = _quantize(model, scheme)
+    model = tiny_llama()
+    quantized = quantize_linears(model, scheme, min_zero=0)
     out = save_awq(
-        model, _tiny_tokenizer(), quantized, scheme, tmp_path / "ckpt",
+        model, tiny_tokenizer(), quantized, scheme, tmp_path / "ckpt",
         algorithm_config={"method": "rtn"},
     )  # fmt: skip
 
@@ -152,16 +115,13 @@ def test_written_checkpoint_decodes_and_loads_back(tmp_path, scheme):
         assert isinstance(loaded.model.get_submodule(name), AwqLinear)
     assert type(loaded.model.lm_head) is nn.Linear
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = _reference_model(model, quantized)(ids).logits
-        got = loaded.model(ids).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert_logits_match(loaded.model, model, quantized, ids)
 
 
 def test_symmetric_weights_store_explicit_zero_points_of_eight(tmp_path):
-    model = _tiny_llama(seed=1)
+    model = tiny_llama(seed=1)
     scheme = QuantScheme(bits=4, group_size=64, symmetric=True)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme, min_zero=0)
     for qw in quantized.values():  # the pipeline hands codes over as bytes
         qw.codes = qw.codes.to(torch.uint8)
     out = save_awq(model, None, quantized, scheme, tmp_path / "ckpt")
@@ -174,11 +134,11 @@ def test_symmetric_weights_store_explicit_zero_points_of_eight(tmp_path):
 
 
 def test_zero_point_zero_is_stored(tmp_path):
-    model = _tiny_llama(seed=2)
+    model = tiny_llama(seed=2)
     with torch.no_grad():  # an all-positive layer: every asymmetric zero point is 0
         model.model.layers[0].mlp.up_proj.weight.abs_()
     scheme = QuantScheme(bits=4, group_size=32, symmetric=False)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme, min_zero=0)
     name = "model.layers.0.mlp.up_proj"
     assert bool((quantized[name].zeros == 0).all())
     out = save_awq(model, None, quantized, scheme, tmp_path / "ckpt")
@@ -192,11 +152,11 @@ def test_zero_point_zero_is_stored(tmp_path):
 
 
 def test_layers_left_in_float_are_listed_and_loaded_as_linear(tmp_path):
-    model = _tiny_llama(seed=3)
+    model = tiny_llama(seed=3)
     scheme = QuantScheme(
         bits=4, group_size=32, ignore=("lm_head", "model.layers.1.mlp.down_proj")
     )
-    out = save_awq(model, None, _quantize(model, scheme), scheme, tmp_path / "ckpt")
+    out = save_awq(model, None, quantize_linears(model, scheme, min_zero=0), scheme, tmp_path / "ckpt")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["modules_to_not_convert"] == ["model.layers.1.mlp.down_proj", "lm_head"]
     loaded = load_quantized_model(out)
@@ -205,18 +165,16 @@ def test_layers_left_in_float_are_listed_and_loaded_as_linear(tmp_path):
 
 
 def test_tied_embeddings_are_stored_once_and_tied_on_load(tmp_path):
-    model = _tiny_llama(seed=4, tie=True)
+    model = tiny_llama(seed=4, tie=True)
     scheme = QuantScheme(bits=4, group_size=32)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme, min_zero=0)
     out = save_awq(model, None, quantized, scheme, tmp_path / "ckpt")
     tensors = load_file(out / "model.safetensors")
     assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors
     loaded = load_awq_model(out)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     ids = torch.arange(10).reshape(1, 10)
-    with torch.no_grad():
-        expected = _reference_model(model, quantized)(ids).logits
-        torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-4)
+    assert_logits_match(loaded, model, quantized, ids)
 
 
 @pytest.mark.parametrize(
@@ -231,38 +189,31 @@ def test_tied_embeddings_are_stored_once_and_tied_on_load(tmp_path):
     ],
 )
 def test_unstorable_schemes_are_refused(tmp_path, scheme, message):
-    model = _tiny_llama(seed=5)
-    quantized = _quantize(model, scheme)
+    model = tiny_llama(seed=5)
+    quantized = quantize_linears(model, scheme, min_zero=0)
     with pytest.raises(QuantkitError, match=message):
         save_awq(model, None, quantized, scheme, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_act_order_and_odd_output_sizes_are_refused(tmp_path):
-    model = _tiny_llama(seed=6)
+    model = tiny_llama(seed=6)
     scheme = QuantScheme(bits=4, group_size=32)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme, min_zero=0)
     name = "model.layers.0.mlp.up_proj"
     quantized[name].g_idx = quantized[name].g_idx[torch.randperm(128)]
     with pytest.raises(QuantkitError, match=f"'{name}' was quantized with act-order"):
         save_awq(model, None, quantized, scheme, tmp_path / "ckpt")
 
-    odd = _tiny_llama(seed=6, intermediate=260)
+    odd = tiny_llama(seed=6, intermediate=260)
     per_channel = QuantScheme(bits=4, group_size=-1)
-    quantized = _quantize(odd, per_channel)
+    quantized = quantize_linears(odd, per_channel, min_zero=0)
     expected = (
         "'model.layers.0.mlp.gate_proj' cannot be stored: .* multiple of 8; got 260"
     )
     with pytest.raises(QuantkitError, match=expected):
         save_awq(odd, None, quantized, per_channel, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
-
-
-def _write_config(folder, quantization_config):
-    folder.mkdir()
-    config = {"model_type": "llama", "quantization_config": quantization_config}
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
 
 
 @pytest.mark.parametrize(
@@ -284,13 +235,13 @@ def _write_config(folder, quantization_config):
 )
 def test_unreadable_configs_are_reported(tmp_path, qcfg, message):
     with pytest.raises(QuantkitError, match=message):
-        load_quantized_model(_write_config(tmp_path / "ckpt", qcfg))
+        load_quantized_model(write_config(tmp_path / "ckpt", qcfg))
 
 
 def test_mis_shaped_tensors_are_reported(tmp_path):
-    model = _tiny_llama(seed=7)
+    model = tiny_llama(seed=7)
     scheme = QuantScheme(bits=4, group_size=32)
-    out = save_awq(model, None, _quantize(model, scheme), scheme, tmp_path / "ckpt")
+    out = save_awq(model, None, quantize_linears(model, scheme, min_zero=0), scheme, tmp_path / "ckpt")
     tensors = load_file(out / "model.safetensors")
     tensors["model.layers.0.mlp.up_proj.qzeros"] = torch.zeros(3, 32, dtype=torch.int32)
     save_file(tensors, str(out / "model.safetensors"))

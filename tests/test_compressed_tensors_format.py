@@ -1,14 +1,13 @@
 """compressed-tensors pack-quantized checkpoints: independent decoding, config, load-back, the library."""
 
-import copy
 import importlib.util
 import json
 
 import pytest
 import torch
+from quant_helpers import assert_logits_match, quantize_linears, tiny_llama
 from safetensors.torch import load_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from quantkit.errors import QuantkitError
 from quantkit.formats import load_quantized_model
@@ -22,44 +21,9 @@ from quantkit.quant.pack_quantized_linear import (
     pack_dense,
     unpack_dense,
 )
-from quantkit.quant.rtn import rtn_quantize
 from quantkit.quant.scheme import QuantScheme
-from quantkit.quant.weights import set_weight_out_in
 
 HAS_COMPRESSED_TENSORS = importlib.util.find_spec("compressed_tensors") is not None
-
-
-def _tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, tie_word_embeddings=tie,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
-
-
-def _quantize(model: nn.Module, scheme: QuantScheme) -> dict:
-    # compressed-tensors stores zero points as they are, so a zero point of 0 is allowed.
-    return {
-        name: rtn_quantize(module.weight, scheme, min_zero=0, module_name=name)
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and not scheme.is_ignored(name)
-    }
-
-
-def _reference_model(model: nn.Module, quantized: dict) -> nn.Module:
-    """The float model as the checkpoint represents it: fp16-rounded tensors, dequantized linears."""
-    reference = copy.deepcopy(model).eval()
-    if "lm_head" in quantized:  # a quantized head no longer shares the embeddings
-        reference.lm_head.weight = nn.Parameter(
-            reference.lm_head.weight.detach().clone()
-        )
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.copy_(param.half().float())
-    for name, qw in quantized.items():
-        set_weight_out_in(reference.get_submodule(name), qw.dequantize())
-    return reference
 
 
 def _unpack_stream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -120,8 +84,8 @@ CASES = [
 
 @pytest.mark.parametrize("scheme", CASES, ids=[s.name for s in CASES])
 def test_written_checkpoint_decodes_and_loads_back(tmp_path, scheme):
-    model = _tiny_llama()
-    quantized = _quantize(model, scheme)
+    model = tiny_llama()
+    quantized = quantize_linears(model, scheme, min_zero=0)
     out = save_compressed_tensors(model, None, quantized, scheme, tmp_path / "ckpt")
 
     tensors = load_file(out / "model.safetensors")
@@ -174,16 +138,13 @@ def test_written_checkpoint_decodes_and_loads_back(tmp_path, scheme):
         assert isinstance(loaded.model.get_submodule(name), PackQuantizedLinear)
     assert type(loaded.model.lm_head) is nn.Linear
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = _reference_model(model, quantized)(ids).logits
-        got = loaded.model(ids).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert_logits_match(loaded.model, model, quantized, ids)
 
 
 def test_quantized_head_is_untied_and_loads_back(tmp_path):
-    model = _tiny_llama(seed=1, tie=True)
+    model = tiny_llama(seed=1, tie=True)
     scheme = QuantScheme(bits=8, group_size=64, symmetric=False, ignore=())
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme, min_zero=0)
     assert "lm_head" in quantized
     out = save_compressed_tensors(model, None, quantized, scheme, tmp_path / "ckpt")
     config = json.loads((out / "config.json").read_text())
@@ -192,17 +153,15 @@ def test_quantized_head_is_untied_and_loads_back(tmp_path):
     loaded = load_compressed_tensors_model(out)
     assert isinstance(loaded.lm_head, PackQuantizedLinear)
     ids = torch.arange(8).reshape(1, 8)
-    with torch.no_grad():
-        expected = _reference_model(model, quantized)(ids).logits
-        torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-4)
+    assert_logits_match(loaded, model, quantized, ids)
 
 
 def test_layers_left_in_float_are_ignored_by_name(tmp_path):
-    model = _tiny_llama(seed=2)
+    model = tiny_llama(seed=2)
     scheme = QuantScheme(
         bits=4, group_size=32, ignore=("lm_head", "re:.*self_attn\\.o_proj")
     )
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme, min_zero=0)
     for qw in quantized.values():  # the pipeline hands codes over as bytes
         qw.codes = qw.codes.to(torch.uint8)
     out = save_compressed_tensors(model, None, quantized, scheme, tmp_path / "ckpt")
@@ -220,9 +179,9 @@ def test_layers_left_in_float_are_ignored_by_name(tmp_path):
 
 
 def test_act_order_is_refused(tmp_path):
-    model = _tiny_llama(seed=3)
+    model = tiny_llama(seed=3)
     scheme = QuantScheme(bits=4, group_size=32)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme, min_zero=0)
     name = "model.layers.1.mlp.up_proj"
     quantized[name].g_idx = quantized[name].g_idx[torch.randperm(128)]
     with pytest.raises(QuantkitError, match=f"'{name}' was quantized with act-order"):
@@ -237,9 +196,9 @@ def _rewrite_quantization_config(folder, edit) -> None:
 
 
 def test_config_groups_are_matched_by_regex_target(tmp_path):
-    model = _tiny_llama(seed=4)
+    model = tiny_llama(seed=4)
     scheme = QuantScheme(bits=4, group_size=32)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme, min_zero=0)
     out = save_compressed_tensors(model, None, quantized, scheme, tmp_path / "ckpt")
 
     def split_groups(qcfg):
@@ -293,10 +252,10 @@ def test_config_groups_are_matched_by_regex_target(tmp_path):
     ],
 )
 def test_unreadable_configs_are_reported(tmp_path, edit, message):
-    model = _tiny_llama(seed=5)
+    model = tiny_llama(seed=5)
     scheme = QuantScheme(bits=4, group_size=32)
     out = save_compressed_tensors(
-        model, None, _quantize(model, scheme), scheme, tmp_path / "ckpt"
+        model, None, quantize_linears(model, scheme, min_zero=0), scheme, tmp_path / "ckpt"
     )
     _rewrite_quantization_config(out, edit)
     with pytest.raises(QuantkitError, match=message):
@@ -318,8 +277,8 @@ def test_compressed_tensors_library_decompresses_the_checkpoint(tmp_path, scheme
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    model = _tiny_llama(seed=6)
-    quantized = _quantize(model, scheme)
+    model = tiny_llama(seed=6)
+    quantized = quantize_linears(model, scheme, min_zero=0)
     out = save_compressed_tensors(model, None, quantized, scheme, tmp_path / "ckpt")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     parsed = QuantizationConfig.model_validate(qcfg)
@@ -344,16 +303,13 @@ def test_compressed_tensors_library_decompresses_the_checkpoint(tmp_path, scheme
 def test_transformers_loads_the_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = _tiny_llama(seed=7)
+    model = tiny_llama(seed=7)
     scheme = QuantScheme(bits=4, group_size=32, symmetric=True)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme, min_zero=0)
     out = save_compressed_tensors(model, None, quantized, scheme, tmp_path / "ckpt")
     loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     ids = torch.arange(8).reshape(1, 8)
-    with torch.no_grad():
-        # The first forward pass decompresses the packed layers.
-        logits = loaded(ids).logits
-        expected = _reference_model(model, quantized)(ids).logits
+    # The first forward pass decompresses the packed layers.
+    assert_logits_match(loaded, model, quantized, ids)
     for name, qw in quantized.items():
         assert torch.equal(loaded.get_submodule(name).weight, qw.dequantize())
-    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-4)

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from quant_helpers import quantize_linears
 from rich.console import Console
 from torch import nn
 
@@ -17,6 +18,8 @@ from quantkit.eval.report import (
     render_eval_table,
     results_to_json,
 )
+from quantkit.formats import load_quantized_model, save_checkpoint
+from quantkit.quant.scheme import QuantScheme
 
 HIDDEN, VOCAB, LAYERS, INTER, HEADS, KV_HEADS = 32, 100, 2, 64, 4, 2
 
@@ -82,6 +85,18 @@ def test_packed_layers_count_logical_weights():
     packed_bytes = (16 * 4 // 32) * 32 * 4 + 32 * 2 + 32 * 2  # qweight int32, scales and bias fp16
     float_bytes = 4 * ((64 * 16 + 16) + 2 * 32)
     assert result.bytes_in_memory == packed_bytes + float_bytes  # the cached weight is left out
+
+
+@pytest.mark.parametrize("layout", ["gptq", "awq", "compressed-tensors"])
+def test_quantized_checkpoints_count_the_float_models_parameters(tmp_path, layout):
+    # compressed-tensors layers hold ``weight_packed``, not ``qweight``: every layout counts alike.
+    model = make_llama(tied=False)
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=False)
+    quantized = quantize_linears(model, scheme, min_zero=1)
+    out = save_checkpoint(layout, model, None, quantized, scheme, tmp_path / layout)
+    loaded = load_quantized_model(out)
+    assert len(quantized) == LAYERS * 7
+    assert footprint(loaded).parameters == llama_parameter_count(tied=False)
 
 
 def test_bytes_on_disk_counts_weight_files_only(tmp_path):

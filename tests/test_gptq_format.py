@@ -1,66 +1,32 @@
 """GPTQ checkpoints: the written tensors decoded by an independent reader, config fields, load-back."""
 
-import copy
 import importlib.util
 import json
 import re
 
 import pytest
 import torch
+from quant_helpers import (
+    assert_logits_match,
+    quantize_linears,
+    tiny_llama,
+    tiny_tokenizer,
+    write_config,
+)
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer, models, pre_tokenizers
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
 from quantkit.formats import load_quantized_model
 from quantkit.formats.gptq import load_gptq_model, save_gptq
 from quantkit.quant.linear import QuantLinear
-from quantkit.quant.rtn import rtn_quantize_modules
 from quantkit.quant.scheme import QuantScheme
-from quantkit.quant.weights import set_weight_out_in
 
 BLOCK_LINEARS = [
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
 ]  # fmt: skip
-
-
-def _tiny_llama(seed: int = 0, tie: bool = False) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256, tie_word_embeddings=tie,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).eval()
-
-
-def _tiny_tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {f"t{i}": i for i in range(255)} | {"<unk>": 255}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
-
-
-def _quantize(model: nn.Module, scheme: QuantScheme):
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    return rtn_quantize_modules(linears, scheme)
-
-
-def _reference_model(model: nn.Module, quantized) -> nn.Module:
-    """The float model as the checkpoint represents it: fp16-rounded tensors, dequantized linears."""
-    reference = copy.deepcopy(model).eval()
-    if "lm_head" in quantized:  # a quantized head no longer shares the embeddings
-        reference.lm_head.weight = nn.Parameter(
-            reference.lm_head.weight.detach().clone()
-        )
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.copy_(param.half().float())
-    for name, qw in quantized.items():
-        set_weight_out_in(reference.get_submodule(name), qw.dequantize())
-    return reference
 
 
 def _unpack_words(words: torch.Tensor, bits: int) -> torch.Tensor:
@@ -106,11 +72,11 @@ CASES = [
 
 @pytest.mark.parametrize("scheme", CASES, ids=[s.name for s in CASES])
 def test_written_checkpoint_decodes_and_loads_back(tmp_path, scheme):
-    model = _tiny_llama()
-    quantized = _quantize(model, scheme)
+    model = tiny_llama()
+    quantized = quantize_linears(model, scheme)
     out = save_gptq(
         model,
-        _tiny_tokenizer(),
+        tiny_tokenizer(),
         quantized,
         scheme,
         tmp_path / "ckpt",
@@ -151,36 +117,27 @@ def test_written_checkpoint_decodes_and_loads_back(tmp_path, scheme):
         assert isinstance(loaded.get_submodule(name), QuantLinear)
     assert type(loaded.lm_head) is nn.Linear
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        expected = _reference_model(model, quantized)(ids).logits
-        got = loaded(ids).logits
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    assert_logits_match(loaded, model, quantized, ids)
 
 
 def test_tied_embeddings_are_stored_once_and_tied_on_load(tmp_path):
-    model = _tiny_llama(seed=1, tie=True)
+    model = tiny_llama(seed=1, tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     scheme = QuantScheme(bits=4, group_size=64)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme)
     out = save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
     tensors = load_file(out / "model.safetensors")
     assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors
     loaded = load_quantized_model(out)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     ids = torch.arange(10).reshape(1, 10)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(ids).logits,
-            _reference_model(model, quantized)(ids).logits,
-            rtol=0,
-            atol=1e-4,
-        )
+    assert_logits_match(loaded, model, quantized, ids)
 
 
 def test_quantized_lm_head_is_flagged_and_untied(tmp_path):
-    model = _tiny_llama(seed=2, tie=True)
+    model = tiny_llama(seed=2, tie=True)
     scheme = QuantScheme(bits=8, group_size=128, ignore=())
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme)
     assert "lm_head" in quantized
     out = save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
     config = json.loads((out / "config.json").read_text())
@@ -189,21 +146,17 @@ def test_quantized_lm_head_is_flagged_and_untied(tmp_path):
     loaded = load_gptq_model(out)
     assert isinstance(loaded.lm_head, QuantLinear)
     ids = torch.arange(8).reshape(1, 8)
-    reference = _reference_model(model, quantized)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(ids).logits, reference(ids).logits, rtol=0, atol=1e-4
-        )
+    assert_logits_match(loaded, model, quantized, ids)
 
 
 def test_layers_left_out_of_some_blocks_get_dynamic_rules(tmp_path):
-    model = _tiny_llama(seed=3)
+    model = tiny_llama(seed=3)
     scheme = QuantScheme(
         bits=4,
         group_size=32,
         ignore=("lm_head", "re:model\\.layers\\.0\\.mlp\\.down_proj"),
     )
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme)
     out = save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["modules_in_block_to_quantize"] == [BLOCK_LINEARS]
@@ -219,9 +172,9 @@ def test_layers_left_out_of_some_blocks_get_dynamic_rules(tmp_path):
 
 
 def test_sharded_checkpoints_are_read(tmp_path):
-    model = _tiny_llama(seed=4)
+    model = tiny_llama(seed=4)
     scheme = QuantScheme(bits=4, group_size=32, symmetric=False)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme)
     out = save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
     tensors = load_file(out / "model.safetensors")
     names = sorted(tensors)
@@ -241,31 +194,19 @@ def test_sharded_checkpoints_are_read(tmp_path):
     )
     (out / "model.safetensors").unlink()
     ids = torch.arange(16).reshape(2, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            load_gptq_model(out)(ids).logits,
-            _reference_model(model, quantized)(ids).logits,
-            rtol=0,
-            atol=1e-4,
-        )
+    assert_logits_match(load_gptq_model(out), model, quantized, ids)
 
 
 def test_missing_g_idx_defaults_and_broken_tensors_are_reported(tmp_path):
-    model = _tiny_llama(seed=9)
+    model = tiny_llama(seed=9)
     scheme = QuantScheme(bits=4, group_size=64)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme)
     out = save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
     tensors = load_file(out / "model.safetensors")
     without_g_idx = {k: v for k, v in tensors.items() if not k.endswith(".g_idx")}
     save_file(without_g_idx, str(out / "model.safetensors"))
     ids = torch.arange(8).reshape(1, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            load_gptq_model(out)(ids).logits,
-            _reference_model(model, quantized)(ids).logits,
-            rtol=0,
-            atol=1e-4,
-        )
+    assert_logits_match(load_gptq_model(out), model, quantized, ids)
     broken = dict(without_g_idx)
     broken["model.layers.0.mlp.up_proj.scales"] = torch.zeros(
         3, 256, dtype=torch.float16
@@ -284,9 +225,9 @@ def test_missing_g_idx_defaults_and_broken_tensors_are_reported(tmp_path):
 
 
 def test_existing_folder_is_kept_without_overwrite(tmp_path):
-    model = _tiny_llama(seed=5)
+    model = tiny_llama(seed=5)
     scheme = QuantScheme(bits=4, group_size=32)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme)
     out = tmp_path / "ckpt"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
@@ -300,13 +241,9 @@ def test_existing_folder_is_kept_without_overwrite(tmp_path):
 
 
 def test_layers_that_do_not_fill_words_are_reported(tmp_path):
-    config = LlamaConfig(
-        hidden_size=128, intermediate_size=272, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=256,
-    )  # fmt: skip
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(intermediate=272)
     scheme = QuantScheme(bits=3, group_size=-1)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme)
     expected = "layer 'model.layers.0.mlp.gate_proj' cannot be stored: .* multiple of 32; got 272"
     with pytest.raises(QuantkitError, match=expected):
         save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
@@ -314,9 +251,9 @@ def test_layers_that_do_not_fill_words_are_reported(tmp_path):
 
 
 def test_act_order_g_idx_sets_desc_act(tmp_path):
-    model = _tiny_llama(seed=7)
+    model = tiny_llama(seed=7)
     scheme = QuantScheme(bits=4, group_size=32)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme)
     name = "model.layers.1.mlp.up_proj"
     permutation = torch.randperm(128, generator=torch.Generator().manual_seed(0))
     quantized[name].g_idx = quantized[name].g_idx[permutation]
@@ -333,19 +270,10 @@ def test_act_order_g_idx_sets_desc_act(tmp_path):
     )
 
 
-def _write_config(folder, quantization_config):
-    folder.mkdir()
-    config = {"model_type": "llama"}
-    if quantization_config is not None:
-        config["quantization_config"] = quantization_config
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 def test_dtype_names_are_accepted(tmp_path):
-    model = _tiny_llama(seed=10)
+    model = tiny_llama(seed=10)
     scheme = QuantScheme(bits=8, group_size=-1)
-    out = save_gptq(model, None, _quantize(model, scheme), scheme, tmp_path / "ckpt")
+    out = save_gptq(model, None, quantize_linears(model, scheme), scheme, tmp_path / "ckpt")
     assert load_gptq_model(out, dtype="auto").model.norm.weight.dtype == torch.float32
     assert (
         load_gptq_model(out, dtype="bfloat16").model.norm.weight.dtype == torch.bfloat16
@@ -358,14 +286,15 @@ def test_dtype_names_are_accepted(tmp_path):
 
 
 def test_load_quantized_model_reports_unsupported_checkpoints(tmp_path):
+    bnb = write_config(tmp_path / "bnb", {"quant_method": "bitsandbytes", "load_in_4bit": True})
     with pytest.raises(
-        QuantkitError, match="quantization method 'awq' .* not supported yet"
+        QuantkitError,
+        match="quantization method 'bitsandbytes' of .* is not supported: quantkit reads gptq, awq "
+        "and compressed-tensors checkpoints",
     ):
-        load_quantized_model(
-            _write_config(tmp_path / "awq", {"quant_method": "awq", "bits": 4})
-        )
+        load_quantized_model(bnb)
     with pytest.raises(QuantkitError, match="holds no quantized model"):
-        load_quantized_model(_write_config(tmp_path / "float", None))
+        load_quantized_model(write_config(tmp_path / "float", None))
     v2 = {
         "quant_method": "gptq",
         "bits": 4,
@@ -373,7 +302,7 @@ def test_load_quantized_model_reports_unsupported_checkpoints(tmp_path):
         "checkpoint_format": "gptq_v2",
     }
     with pytest.raises(QuantkitError, match="checkpoint_format 'gptq_v2'"):
-        load_quantized_model(_write_config(tmp_path / "v2", v2))
+        load_quantized_model(write_config(tmp_path / "v2", v2))
     with pytest.raises(QuantkitError, match="does not exist"):
         load_quantized_model(tmp_path / "missing")
     with pytest.raises(QuantkitError, match="has no config.json"):
@@ -389,18 +318,12 @@ def test_load_quantized_model_reports_unsupported_checkpoints(tmp_path):
 def test_transformers_loads_the_checkpoint(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = _tiny_llama(seed=8)
+    model = tiny_llama(seed=8)
     scheme = QuantScheme(bits=4, group_size=32)
-    quantized = _quantize(model, scheme)
+    quantized = quantize_linears(model, scheme)
     out = save_gptq(model, None, quantized, scheme, tmp_path / "ckpt")
     loaded = AutoModelForCausalLM.from_pretrained(
         out, dtype=torch.float16, device_map="cpu"
     )
     ids = torch.arange(8).reshape(1, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(
-            loaded(ids).logits.float(),
-            _reference_model(model, quantized)(ids).logits,
-            rtol=0.05,
-            atol=0.05,
-        )
+    assert_logits_match(loaded, model, quantized, ids, rtol=0.05, atol=0.05)

@@ -4,7 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from quantkit.quant.awq_linear import AwqLinear
+from quantkit.quant.dequant_linear import DequantLinear
 from quantkit.quant.linear import QuantLinear
+from quantkit.quant.pack_quantized_linear import PackQuantizedLinear
 from quantkit.quant.packing import unpack_cols, unpack_rows
 from quantkit.quant.rtn import QuantizedWeight, rtn_quantize
 from quantkit.quant.scheme import QuantScheme
@@ -104,10 +107,15 @@ def test_permuted_g_idx_is_honoured():
     assert not torch.equal(shuffled.dequantize(), qw.dequantize())
 
 
-def test_weight_out_in_of_a_quant_linear_is_its_dequantized_weight():
+@pytest.mark.parametrize(
+    ("layer_class", "bits"), [(QuantLinear, 3), (AwqLinear, 4), (PackQuantizedLinear, 3)]
+)
+def test_weight_out_in_of_a_packed_layer_is_its_dequantized_weight(layer_class, bits):
     weight, _, _ = _layer_inputs(seed=5)
-    qw = rtn_quantize(weight, QuantScheme(bits=3, group_size=32, symmetric=False))
-    assert torch.equal(weight_out_in(QuantLinear.from_quantized(qw)), qw.dequantize())
+    qw = rtn_quantize(weight, QuantScheme(bits=bits, group_size=32, symmetric=False))
+    layer = layer_class.from_quantized(qw)
+    assert isinstance(layer, DequantLinear)
+    assert torch.equal(weight_out_in(layer), qw.dequantize())
 
 
 def test_zero_point_zero_is_refused():

@@ -1,9 +1,11 @@
 """How big a model is: logical weights, bytes of its checkpoint, bytes it holds in memory.
 
 - ``parameters`` counts weights as the model means them: a layer holding packed quantized weights
-  (any module with a ``qweight`` tensor and ``in_features``/``out_features``) counts
-  ``in_features * out_features`` plus its bias, not the packed int32 words, scales or zero
-  points; every other parameter counts once (tied embeddings once).
+  counts ``in_features * out_features`` plus its bias, not the packed int32 words, scales or zero
+  points, whatever their names; every other parameter counts once (tied embeddings once). Packed
+  layers are quantkit's ``DequantLinear`` layers (GPTQ, AWQ and compressed-tensors layouts) and
+  any other module with a ``qweight`` tensor and ``in_features``/``out_features`` (other
+  libraries' GPTQ and AWQ layers).
 - ``bytes_on_disk`` sums the ``*.safetensors`` and ``*.bin`` files of the checkpoint folder; it is
   None when there is no local folder (a hub id, or no path).
 - ``bytes_in_memory`` sums the unique tensors of the model's state dict: parameters and persistent
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from quantkit.quant.dequant_linear import DequantLinear
 
 WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.bin")
 
@@ -43,7 +47,8 @@ def footprint(model: nn.Module, path: str | None = None) -> Footprint:
 
 
 def is_packed_linear(module: nn.Module) -> bool:
-    return (
+    """A linear layer whose weight is stored packed: quantkit's, or another library's GPTQ/AWQ one."""
+    return isinstance(module, DequantLinear) or (
         isinstance(getattr(module, "qweight", None), torch.Tensor)
         and hasattr(module, "in_features")
         and hasattr(module, "out_features")

@@ -47,56 +47,29 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel
+from torch import nn
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.formats.checkpoint_files import read_config_json, read_safetensors
-from quantkit.formats.gptq import STORAGE_DTYPE, _resolve_dtype
+from quantkit.formats.checkpoint_files import read_config_json
+from quantkit.formats.layout import QuantizedLayout
 from quantkit.formats.quantized_folder import (
+    STORAGE_DTYPE,
     check_quantized_layers,
-    checkpoint_tensors,
-    empty_model,
-    finish_loading,
     float_linears,
     head_name,
-    install_layer,
     linear_shape,
-    write_quantized_folder,
+    refuse_act_order,
 )
 from quantkit.quant.awq_linear import AWQ_BITS, AwqLinear, check_awq_shape
-from quantkit.quant.rtn import QuantizedWeight, default_g_idx
+from quantkit.quant.rtn import QuantizedWeight
 from quantkit.quant.scheme import QuantScheme
 
 AWQ_VERSION = "gemm"
-LAYOUT = "AWQ"
-
-
-def save_awq(
-    model: PreTrainedModel,
-    tokenizer,
-    quantized: Mapping[str, QuantizedWeight],
-    scheme: QuantScheme,
-    out_dir: Path | str,
-    *,
-    overwrite: bool = False,
-    algorithm_config: dict | None = None,
-) -> Path:
-    """Write ``model`` with the ``quantized`` layers in the AutoAWQ GEMM layout to ``out_dir``.
-
-    ``quantized`` maps full module names to their quantized weights (out, in). Nothing appears at
-    ``out_dir`` unless the whole folder was written.
-    """
-    _check_awq(model, quantized, scheme)
-    qcfg = awq_quantization_config(model, quantized, scheme, algorithm_config or {})
-    tensors = checkpoint_tensors(model, quantized, _pack_layer)
-    return write_quantized_folder(
-        model, tokenizer, quantized, qcfg, tensors, out_dir, overwrite
-    )
 
 
 def awq_quantization_config(
-    model: PreTrainedModel,
+    model: nn.Module,
     quantized: Mapping[str, QuantizedWeight],
     scheme: QuantScheme,
     algorithm_config: dict,
@@ -117,66 +90,26 @@ def awq_quantization_config(
     }
 
 
-def load_awq_model(
-    path: Path | str,
-    *,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
-) -> PreTrainedModel:
-    """Build the model an AutoAWQ GEMM folder describes, with ``AwqLinear`` for its quantized layers.
-
-    Non-quantized tensors are cast to ``dtype`` (a torch dtype, its name, or "auto"); quantized
-    layers keep their stored buffers and compute in the dtype of their input.
-    """
-    dtype = _resolve_dtype(dtype, device)
-    group_size = _read_awq_group_size(path)
-    tensors = read_safetensors(path)
-    model = empty_model(path, dtype)
-    packed = sorted(
-        key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")
-    )
-    for name in packed:
-        install_layer(
-            model, name, _empty_layer(model, name, group_size, tensors), tensors, LAYOUT
-        )
-    return finish_loading(model, tensors, dtype, path, device)
-
-
-def _pack_layer(qw: QuantizedWeight, bias: torch.Tensor | None) -> AwqLinear:
-    return AwqLinear.from_quantized(qw, bias, STORAGE_DTYPE)
-
-
-def _check_awq(
-    model: PreTrainedModel,
-    quantized: Mapping[str, QuantizedWeight],
-    scheme: QuantScheme,
+def _check(
+    model: nn.Module, quantized: Mapping[str, QuantizedWeight], scheme: QuantScheme
 ) -> None:
     if scheme.bits != AWQ_BITS:
         raise QuantkitError(
             f"the AWQ GEMM layout stores 4-bit weights only, not {scheme.bits}-bit; "
             "use --format gptq or --format compressed-tensors"
         )
-    check_quantized_layers(model, quantized, scheme, LAYOUT)
+    check_quantized_layers(model, quantized, scheme, "AWQ", fits=_fits)
     head = head_name(model)
     if head in quantized:
         raise QuantkitError(
             f"the AWQ layout cannot hold a quantized output head ('{head}'): transformers and vLLM "
             "load it in float; keep it in the ignore list"
         )
-    for name, qw in quantized.items():
-        if not torch.equal(
-            qw.g_idx.cpu(), default_g_idx(qw.in_features, qw.group_size)
-        ):
-            raise QuantkitError(
-                f"layer '{name}' was quantized with act-order (permuted groups), which the AWQ "
-                "layout cannot store; quantize without act-order or use --format gptq"
-            )
-        try:
-            check_awq_shape(qw.in_features, qw.out_features, qw.group_size)
-        except ValueError as exc:
-            raise QuantkitError(
-                f"layer '{name}' cannot be stored: {exc}; add it to the ignore list"
-            ) from None
+    refuse_act_order(quantized, "the AWQ layout cannot store")
+
+
+def _fits(qw: QuantizedWeight) -> None:
+    check_awq_shape(qw.in_features, qw.out_features, qw.group_size)
 
 
 def _read_awq_group_size(path: Path | str) -> int:
@@ -206,14 +139,24 @@ def _read_awq_group_size(path: Path | str) -> int:
 
 
 def _empty_layer(
-    model: PreTrainedModel, name: str, group_size: int, tensors: dict[str, torch.Tensor]
+    model: nn.Module, name: str, tensors: dict[str, torch.Tensor], group_size: int
 ) -> AwqLinear:
     out_features, in_features = linear_shape(model, name)
     scales = tensors.get(f"{name}.scales")
-    try:
-        return AwqLinear(
-            in_features, out_features, group_size, bias=f"{name}.bias" in tensors,
-            dtype=STORAGE_DTYPE if scales is None else scales.dtype,
-        )  # fmt: skip
-    except ValueError as exc:
-        raise QuantkitError(f"layer '{name}' cannot be an AWQ layer: {exc}") from None
+    return AwqLinear(
+        in_features, out_features, group_size, bias=f"{name}.bias" in tensors,
+        dtype=STORAGE_DTYPE if scales is None else scales.dtype,
+    )  # fmt: skip
+
+
+LAYOUT = QuantizedLayout(
+    name="AWQ",
+    marker="qweight",
+    layer_class=AwqLinear,
+    check=_check,
+    quantization_config=awq_quantization_config,
+    read_settings=_read_awq_group_size,
+    empty_layer=_empty_layer,
+)
+save_awq = LAYOUT.save
+load_awq_model = LAYOUT.load

@@ -65,73 +65,52 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from quantkit.errors import QuantkitError
-from quantkit.formats.checkpoint_files import read_config_json, read_safetensors
-from quantkit.formats.gptq import STORAGE_DTYPE, _linear_module, _resolve_dtype
+from quantkit.formats.checkpoint_files import read_config_json
+from quantkit.formats.layout import QuantizedLayout
 from quantkit.formats.quantized_folder import (
+    STORAGE_DTYPE,
     check_quantized_layers,
-    checkpoint_tensors,
-    empty_model,
-    finish_loading,
     float_linears,
-    install_layer,
+    linear_module,
     linear_shape,
-    write_quantized_folder,
+    refuse_act_order,
 )
 from quantkit.quant.pack_quantized_linear import PackQuantizedLinear
 from quantkit.quant.packing import PACKABLE_BITS
-from quantkit.quant.rtn import QuantizedWeight, default_g_idx
+from quantkit.quant.rtn import QuantizedWeight
 from quantkit.quant.scheme import QuantScheme
 
 QUANT_METHOD = "compressed-tensors"
 PACK_QUANTIZED = "pack-quantized"
 # The compressed-tensors release whose layout and config this writer follows.
 LAYOUT_VERSION = "0.20.0"
-LAYOUT = "compressed-tensors"
 
 
-def save_compressed_tensors(
-    model: PreTrainedModel,
-    tokenizer,
-    quantized: Mapping[str, QuantizedWeight],
-    scheme: QuantScheme,
-    out_dir: Path | str,
-    *,
-    overwrite: bool = False,
-    algorithm_config: dict | None = None,
-) -> Path:
-    """Write ``model`` with the ``quantized`` layers in the ``pack-quantized`` layout to ``out_dir``.
+@dataclass(frozen=True)
+class ConfigGroups:
+    """The checked config groups of a ``pack-quantized`` folder."""
 
-    ``quantized`` maps full module names to their quantized weights (out, in). Nothing appears at
-    ``out_dir`` unless the whole folder was written. ``algorithm_config`` is accepted for the
-    common writer signature; the compressed-tensors config has no place for it.
-    """
-    check_quantized_layers(model, quantized, scheme, LAYOUT)
-    for name, qw in quantized.items():
-        if not torch.equal(
-            qw.g_idx.cpu(), default_g_idx(qw.in_features, qw.group_size)
-        ):
-            raise QuantkitError(
-                f"layer '{name}' was quantized with act-order (permuted groups), which current "
-                "compressed-tensors cannot load; quantize without act-order or use --format gptq"
-            )
-    qcfg = compressed_tensors_quantization_config(model, quantized, scheme)
-    tensors = checkpoint_tensors(model, quantized, _pack_layer)
-    return write_quantized_folder(
-        model, tokenizer, quantized, qcfg, tensors, out_dir, overwrite
-    )
+    path: Path | str
+    groups: list[dict]
 
 
 def compressed_tensors_quantization_config(
-    model: nn.Module, quantized: Mapping[str, QuantizedWeight], scheme: QuantScheme
+    model: nn.Module,
+    quantized: Mapping[str, QuantizedWeight],
+    scheme: QuantScheme,
+    algorithm_config: dict | None = None,
 ) -> dict:
-    """The ``quantization_config`` entry that compressed-tensors, transformers and vLLM read."""
+    """The ``quantization_config`` entry that compressed-tensors, transformers and vLLM read.
+
+    ``algorithm_config`` is accepted like every layout's; this config has no place for it.
+    """
     return {
         "quant_method": QUANT_METHOD,
         "format": PACK_QUANTIZED,
@@ -170,37 +149,15 @@ def weight_quantization_args(scheme: QuantScheme) -> dict:
     }
 
 
-def load_compressed_tensors_model(
-    path: Path | str,
-    *,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
-) -> PreTrainedModel:
-    """Build the model a ``pack-quantized`` folder describes, with ``PackQuantizedLinear`` layers.
-
-    Non-quantized tensors are cast to ``dtype`` (a torch dtype, its name, or "auto"); quantized
-    layers keep their stored buffers and compute in the dtype of their input.
-    """
-    dtype = _resolve_dtype(dtype, device)
-    groups = _read_config_groups(path)
-    tensors = read_safetensors(path)
-    model = empty_model(path, dtype)
-    suffix = ".weight_packed"
-    packed = sorted(key.removesuffix(suffix) for key in tensors if key.endswith(suffix))
-    for name in packed:
-        args = _weight_args_for(model, name, groups, path)
-        layer = _empty_layer(model, name, args, tensors)
-        install_layer(model, name, layer, tensors, LAYOUT)
-        if layer.weight_shape.tolist() != [layer.out_features, layer.in_features]:
-            raise QuantkitError(
-                f"'{name}.weight_shape' is {layer.weight_shape.tolist()} but the layer is "
-                f"[{layer.out_features}, {layer.in_features}]"
-            )
-    return finish_loading(model, tensors, dtype, path, device)
+def _check(
+    model: nn.Module, quantized: Mapping[str, QuantizedWeight], scheme: QuantScheme
+) -> None:
+    check_quantized_layers(model, quantized, scheme, "compressed-tensors")
+    refuse_act_order(quantized, "current compressed-tensors cannot load")
 
 
-def _pack_layer(qw: QuantizedWeight, bias: torch.Tensor | None) -> PackQuantizedLinear:
-    return PackQuantizedLinear.from_quantized(qw, bias, STORAGE_DTYPE)
+def _read_settings(path: Path | str) -> ConfigGroups:
+    return ConfigGroups(path, _read_config_groups(path))
 
 
 def _read_config_groups(path: Path | str) -> list[dict]:
@@ -266,16 +223,14 @@ def _check_weight_only(group: dict, label: str, path: Path | str) -> None:
         )
 
 
-def _weight_args_for(
-    model: nn.Module, name: str, groups: list[dict], path: Path | str
-) -> dict:
+def _weight_args_for(model: nn.Module, name: str, settings: ConfigGroups) -> dict:
     """The weights args of the first config group whose targets match layer ``name``."""
-    module = _linear_module(model, name)
-    for group in groups:
+    module = linear_module(model, name)
+    for group in settings.groups:
         if any(_matches(target, name, module) for target in group["targets"]):
             return group["weights"]
     raise QuantkitError(
-        f"'{path}' stores layer '{name}' packed, but no config group targets it"
+        f"'{settings.path}' stores layer '{name}' packed, but no config group targets it"
     )
 
 
@@ -286,10 +241,23 @@ def _matches(target: str, name: str, module: nn.Module) -> bool:
     return target == name or target in {cls.__name__ for cls in type(module).__mro__}
 
 
+def _check_weight_shape(
+    tensors: dict[str, torch.Tensor], name: str, out_features: int, in_features: int
+) -> None:
+    stored = tensors.get(f"{name}.weight_shape")
+    if stored is not None and stored.tolist() != [out_features, in_features]:
+        raise QuantkitError(
+            f"'{name}.weight_shape' is {stored.tolist()} but the layer is "
+            f"[{out_features}, {in_features}]"
+        )
+
+
 def _empty_layer(
-    model: nn.Module, name: str, args: dict, tensors: dict[str, torch.Tensor]
+    model: nn.Module, name: str, tensors: dict[str, torch.Tensor], settings: ConfigGroups
 ) -> PackQuantizedLinear:
+    args = _weight_args_for(model, name, settings)
     out_features, in_features = linear_shape(model, name)
+    _check_weight_shape(tensors, name, out_features, in_features)
     scale = tensors.get(f"{name}.weight_scale")
     grouped = str(args["strategy"]).lower() == "group"
     return PackQuantizedLinear(
@@ -302,3 +270,16 @@ def _empty_layer(
         g_idx=f"{name}.weight_g_idx" in tensors,
         dtype=STORAGE_DTYPE if scale is None else scale.dtype,
     )
+
+
+LAYOUT = QuantizedLayout(
+    name="compressed-tensors",
+    marker="weight_packed",
+    layer_class=PackQuantizedLinear,
+    check=_check,
+    quantization_config=compressed_tensors_quantization_config,
+    read_settings=_read_settings,
+    empty_layer=_empty_layer,
+)
+save_compressed_tensors = LAYOUT.save
+load_compressed_tensors_model = LAYOUT.load

@@ -53,68 +53,31 @@ quantizes with zero points in ``[1, 2**bits - 1]`` (``min_zero=1``); symmetric z
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from safetensors.torch import save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
-from quantkit.formats.atomic import atomic_output_dir
-from quantkit.formats.checkpoint_files import (
-    WEIGHTS_NAME,
-    read_config_json,
-    read_safetensors,
+from quantkit.formats.checkpoint_files import read_config_json
+from quantkit.formats.layout import QuantizedLayout
+from quantkit.formats.quantized_folder import (
+    check_quantized_layers,
+    has_act_order,
+    head_name,
+    linear_shape,
 )
 from quantkit.quant.linear import QuantLinear, check_packable
-from quantkit.quant.rtn import QuantizedWeight, default_g_idx
+from quantkit.quant.rtn import QuantizedWeight
 from quantkit.quant.scheme import QuantScheme
 
 GPTQ_FORMAT = "gptq"
 QUANTIZE_CONFIG_NAME = "quantize_config.json"
-REQUIRED_TENSORS = ("qweight", "qzeros", "scales")
-OPTIONAL_TENSORS = ("g_idx", "bias")
-STORAGE_DTYPE = torch.float16
-
-
-def save_gptq(
-    model: PreTrainedModel,
-    tokenizer,
-    quantized: Mapping[str, QuantizedWeight],
-    scheme: QuantScheme,
-    out_dir: Path | str,
-    *,
-    overwrite: bool = False,
-    algorithm_config: dict | None = None,
-) -> Path:
-    """Write ``model`` with the ``quantized`` layers in the GPTQ v1 layout to ``out_dir``.
-
-    ``quantized`` maps full module names to their quantized weights (weights as (out, in), so
-    Conv1D layers were transposed before quantizing). Nothing appears at ``out_dir`` unless the
-    whole folder was written.
-    """
-    out_dir = Path(out_dir)
-    _check_quantized(model, quantized, scheme)
-    qcfg = gptq_quantization_config(model, quantized, scheme, algorithm_config or {})
-    tensors = _checkpoint_tensors(model, quantized)
-    with atomic_output_dir(out_dir, overwrite) as staging:
-        save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        _save_config(model, quantized, qcfg, staging)
-        (staging / QUANTIZE_CONFIG_NAME).write_text(json.dumps(qcfg, indent=2) + "\n")
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-    return out_dir
 
 
 def gptq_quantization_config(
@@ -124,9 +87,7 @@ def gptq_quantization_config(
     algorithm_config: dict,
 ) -> dict:
     """The ``quantization_config`` entry that GPTQ loaders read."""
-    permuted = any(
-        not torch.equal(qw.g_idx.cpu(), _default_g_idx(qw)) for qw in quantized.values()
-    )
+    permuted = any(has_act_order(qw) for qw in quantized.values())
     in_block, excluded = _block_coverage(model, quantized)
     quantizer = [f"quantkit:{__version__}"]
     qcfg = {
@@ -140,7 +101,7 @@ def gptq_quantization_config(
         "static_groups": bool(algorithm_config.get("static_groups", False)),
         "checkpoint_format": GPTQ_FORMAT,
         "format": GPTQ_FORMAT,
-        "lm_head": _output_name(model) in quantized,
+        "lm_head": head_name(model) in quantized,
         "modules_in_block_to_quantize": [in_block],
         "quantizer": quantizer,
         "meta": {
@@ -153,103 +114,21 @@ def gptq_quantization_config(
     return qcfg
 
 
-def load_gptq_model(
-    path: Path | str,
-    *,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device = "cpu",
-) -> PreTrainedModel:
-    """Build the model a GPTQ v1 folder describes, with ``QuantLinear`` for its quantized layers.
-
-    Non-quantized tensors are cast to ``dtype`` (a torch dtype, its name, or "auto": float32 on
-    the CPU, float16 elsewhere); quantized layers keep their stored buffers and compute in the
-    dtype of their input. Shards (model.safetensors.index.json) are supported.
-    """
-    dtype = _resolve_dtype(dtype, device)
-    qcfg = _read_gptq_config(path)
-    tensors = read_safetensors(path)
-    config = AutoConfig.from_pretrained(path)
-    # Build the plain model; quantkit swaps in its own layers below.
-    del config.quantization_config
-    # Parameters on the meta device (no memory, no init); buffers such as RoPE tables stay real.
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    packed = sorted(
-        key.removesuffix(".qweight") for key in tensors if key.endswith(".qweight")
-    )
-    for name in packed:
-        _install_quant_linear(model, name, tensors, qcfg)
-    _load_remaining(model, tensors, dtype, path)
-    return model.to(device).eval()
-
-
-def _resolve_dtype(dtype: torch.dtype | str, device: str | torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.float32 if torch.device(device).type == "cpu" else STORAGE_DTYPE
-    resolved = getattr(torch, str(dtype), None)
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        raise QuantkitError(
-            f"unknown dtype '{dtype}': use float32, float16, bfloat16 or auto"
-        )
-    return resolved
-
-
-def _check_quantized(
+def _check(
     model: nn.Module, quantized: Mapping[str, QuantizedWeight], scheme: QuantScheme
 ) -> None:
-    for name, qw in quantized.items():
-        module = _linear_module(model, name)
-        expected = _out_in(module)
-        if tuple(qw.codes.shape) != expected:
-            raise ValueError(
-                f"quantized weight of '{name}' has shape {tuple(qw.codes.shape)}, layer has {expected}"
-            )
-        layout = (qw.bits, qw.group_size, qw.symmetric)
-        if layout != (scheme.bits, scheme.group_size, scheme.symmetric):
-            raise ValueError(
-                f"'{name}' was quantized with a different scheme than {scheme.name}"
-            )
-        if qw.symmetric and not bool((qw.zeros == 1 << (qw.bits - 1)).all()):
-            raise ValueError(
-                f"symmetric layer '{name}' must use zero point {1 << (qw.bits - 1)}"
-            )
-        try:
-            check_packable(qw.in_features, qw.out_features, qw.bits)
-        except ValueError as exc:
-            raise QuantkitError(
-                f"layer '{name}' cannot be stored: {exc}; add it to the ignore list"
-            ) from None
+    check_quantized_layers(
+        model, quantized, scheme, "GPTQ", allow_conv1d=True, fits=_fits
+    )
 
 
-def _linear_module(model: nn.Module, name: str) -> nn.Module:
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        raise QuantkitError(f"the model has no layer named '{name}'") from None
-    if not isinstance(module, (nn.Linear, Conv1D)):
-        raise QuantkitError(
-            f"layer '{name}' is a {type(module).__name__}, not a linear layer"
-        )
-    return module
+def _fits(qw: QuantizedWeight) -> None:
+    check_packable(qw.in_features, qw.out_features, qw.bits)
 
 
-def _out_in(module: nn.Module) -> tuple[int, int]:
-    rows, cols = module.weight.shape
-    return (cols, rows) if isinstance(module, Conv1D) else (rows, cols)
-
-
-def _default_g_idx(qw: QuantizedWeight) -> torch.Tensor:
-    return default_g_idx(qw.in_features, qw.group_size)
-
-
-def _output_name(model: nn.Module) -> str | None:
-    if not hasattr(model, "get_output_embeddings"):
-        return None
-    head = model.get_output_embeddings()
-    names = (name for name, module in model.named_modules() if module is head)
-    return next(names, None)
+def _quantize_config_file(qcfg: dict) -> dict[str, str]:
+    # GPTQModel and AutoGPTQ also read the config from quantize_config.json.
+    return {QUANTIZE_CONFIG_NAME: json.dumps(qcfg, indent=2) + "\n"}
 
 
 def _block_position(model: nn.Module, name: str) -> tuple[str, str] | None:
@@ -267,7 +146,7 @@ def _block_coverage(
     model: nn.Module, quantized: Mapping[str, QuantizedWeight]
 ) -> tuple[list[str], list[str]]:
     """Names-in-block quantized somewhere, and full names of block linears those names miss."""
-    head = _output_name(model)
+    head = head_name(model)
     in_block: list[str] = []
     for name in quantized:
         position = _block_position(model, name)
@@ -287,54 +166,6 @@ def _block_coverage(
         and position[1] in in_block
     ]
     return in_block, excluded
-
-
-def _checkpoint_tensors(
-    model: nn.Module, quantized: Mapping[str, QuantizedWeight]
-) -> dict[str, torch.Tensor]:
-    """State dict with the quantized layers packed and every float tensor in float16."""
-    state = model.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    for name, qw in quantized.items():
-        state.pop(f"{name}.weight", None)
-        bias = state.pop(f"{name}.bias", None)
-        packed = QuantLinear.from_quantized(
-            _to_cpu(qw), None if bias is None else bias.cpu(), STORAGE_DTYPE
-        )
-        tensors.update(
-            {f"{name}.{key}": value for key, value in packed.state_dict().items()}
-        )
-    seen: set[int] = set()
-    for key, value in state.items():
-        # Tied weights (lm_head sharing the embeddings) are stored once.
-        if value.numel() and value.data_ptr() in seen:
-            continue
-        seen.add(value.data_ptr())
-        value = value.detach().cpu()
-        tensors[key] = (
-            value.to(STORAGE_DTYPE) if value.is_floating_point() else value
-        ).contiguous()
-    return tensors
-
-
-def _to_cpu(qw: QuantizedWeight) -> QuantizedWeight:
-    tensors = {
-        key: getattr(qw, key).cpu() for key in ("codes", "scales", "zeros", "g_idx")
-    }
-    return dataclasses.replace(qw, **tensors)
-
-
-def _save_config(
-    model: nn.Module, quantized: Mapping[str, QuantizedWeight], qcfg: dict, folder: Path
-) -> None:
-    config = copy.deepcopy(model.config)
-    config.quantization_config = qcfg
-    config.dtype = STORAGE_DTYPE
-    # A packed lm_head can no longer share the embeddings' tensor.
-    head_packed = _output_name(model) in quantized
-    if head_packed and getattr(config, "tie_word_embeddings", False):
-        config.tie_word_embeddings = False
-    config.save_pretrained(folder)
 
 
 def _read_gptq_config(path: Path | str) -> dict:
@@ -362,42 +193,27 @@ def _read_gptq_config(path: Path | str) -> dict:
     return qcfg
 
 
-def _install_quant_linear(
+def _empty_layer(
     model: nn.Module, name: str, tensors: dict[str, torch.Tensor], qcfg: dict
-) -> None:
-    """Replace the float layer ``name`` by a QuantLinear filled from the checkpoint tensors."""
-    out_features, in_features = _out_in(_linear_module(model, name))
-    has_bias = f"{name}.bias" in tensors
-    layer = QuantLinear(
-        in_features, out_features, qcfg["bits"], qcfg["group_size"], bias=has_bias
-    )
+) -> QuantLinear:
+    out_features, in_features = linear_shape(model, name)
+    return QuantLinear(
+        in_features, out_features, qcfg["bits"], qcfg["group_size"],
+        bias=f"{name}.bias" in tensors,
+    )  # fmt: skip
+
+
+LAYOUT = QuantizedLayout(
+    name="GPTQ",
+    marker="qweight",
+    layer_class=QuantLinear,
+    check=_check,
+    quantization_config=gptq_quantization_config,
+    read_settings=_read_gptq_config,
+    empty_layer=_empty_layer,
     # Some older checkpoints omit g_idx; the layer then keeps consecutive groups.
-    present = [key for key in OPTIONAL_TENSORS if f"{name}.{key}" in tensors]
-    keys = [*REQUIRED_TENSORS, *present]
-    try:
-        layer_state = {key: tensors.pop(f"{name}.{key}") for key in keys}
-        layer.load_state_dict(layer_state, strict=False)
-    except (KeyError, RuntimeError) as exc:
-        raise QuantkitError(
-            f"GPTQ tensors of layer '{name}' are missing or mis-shaped: {exc}"
-        ) from None
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-
-
-def _load_remaining(
-    model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, path
-) -> None:
-    state = {
-        key: value.to(dtype) if value.is_floating_point() else value
-        for key, value in tensors.items()
-    }
-    result = model.load_state_dict(state, strict=False, assign=True)
-    if result.unexpected_keys:
-        raise QuantkitError(
-            f"'{path}' holds tensors the model does not use: {result.unexpected_keys[:5]}"
-        )
-    model.tie_weights()
-    missing = [name for name, param in model.named_parameters() if param.is_meta]
-    if missing:
-        raise QuantkitError(f"'{path}' lacks tensors the model needs: {missing[:5]}")
+    optional_tensors=("g_idx",),
+    extra_files=_quantize_config_file,
+)
+save_gptq = LAYOUT.save
+load_gptq_model = LAYOUT.load

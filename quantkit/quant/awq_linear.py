@@ -23,7 +23,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from quantkit.quant.dequant_linear import DequantLinear
+from quantkit.quant.dequant_linear import (
+    DequantLinear,
+    consecutive_groups,
+    dequantize_in_out,
+    group_count,
+)
 from quantkit.quant.packing import pack_cols, unpack_cols
 
 if TYPE_CHECKING:
@@ -71,7 +76,7 @@ class AwqLinear(DequantLinear):
     ) -> None:
         check_awq_shape(in_features, out_features, group_size)
         super().__init__(in_features, out_features, AWQ_BITS, group_size)
-        n_groups = 1 if group_size == -1 else in_features // group_size
+        n_groups = group_count(in_features, group_size)
         words = {"dtype": torch.int32, "device": device}
         self.register_buffer(
             "qweight", torch.zeros(in_features, out_features // AWQ_PACK, **words)
@@ -85,35 +90,28 @@ class AwqLinear(DequantLinear):
         self._init_bias(bias, dtype, device)
 
     @classmethod
-    def from_quantized(
-        cls,
-        qw: QuantizedWeight,
-        bias: torch.Tensor | None = None,
-        dtype: torch.dtype = torch.float16,
+    def _packed(
+        cls, qw: QuantizedWeight, *, has_bias: bool, dtype: torch.dtype
     ) -> AwqLinear:
-        """Pack a 4-bit ``QuantizedWeight`` with consecutive groups into a new layer."""
+        """4-bit codes only; ``qw.g_idx`` is not stored: the layout's groups are consecutive rows."""
         if qw.bits != AWQ_BITS:
             raise ValueError(
                 f"the AWQ GEMM layout holds 4-bit codes, got {qw.bits}-bit"
             )
         layer = cls(
             qw.in_features, qw.out_features, qw.group_size,
-            bias=bias is not None, dtype=dtype, device=qw.codes.device,
+            bias=has_bias, dtype=dtype, device=qw.codes.device,
         )  # fmt: skip
         layer.qweight.copy_(pack_awq(qw.codes.t()))
         layer.qzeros.copy_(pack_awq(qw.zeros.t()))
         layer.scales.copy_(qw.scales.t())
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
         return layer
 
     def dequantize_weight(self) -> torch.Tensor:
         codes = unpack_awq(self.qweight)  # (in, out)
         zeros = unpack_awq(self.qzeros)  # (n_groups, out)
-        span = self.in_features if self.group_size == -1 else self.group_size
-        groups = torch.arange(self.in_features, device=codes.device) // span
-        shifted = (codes - zeros[groups]).to(torch.float32)
-        return (self.scales[groups].to(torch.float32) * shifted).t()
+        groups = consecutive_groups(self.in_features, self.group_size, codes.device)
+        return dequantize_in_out(codes, zeros, self.scales, groups.long())
 
 
 def _permute_within_words(values: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:

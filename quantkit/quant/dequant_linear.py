@@ -1,17 +1,48 @@
 """Base of the linear layers that hold a packed checkpoint layout and compute with plain torch.
 
 A subclass keeps its tensors under the names its checkpoint layout uses (so ``state_dict`` is the
-checkpoint's) and says how to rebuild the float weight from them (``dequantize_weight``). The
-forward pass here is the reference path ``x @ W.T + b`` that GPU kernels are checked against.
+checkpoint's), says how to build itself from a ``QuantizedWeight`` (``_packed``) and how to rebuild
+the float weight from its tensors (``dequantize_weight``). The forward pass here is the reference
+path ``x @ W.T + b`` that GPU kernels are checked against.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from typing import Self
+
+    from quantkit.quant.rtn import QuantizedWeight
+
+
+def group_count(in_features: int, group_size: int) -> int:
+    """Number of groups along the input dimension (one for ``group_size == -1``)."""
+    return 1 if group_size == -1 else math.ceil(in_features / group_size)
+
+
+def consecutive_groups(
+    in_features: int, group_size: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """int32 group of each input column when groups are runs of ``group_size`` columns."""
+    span = in_features if group_size == -1 else group_size
+    return (torch.arange(in_features, device=device) // span).to(torch.int32)
+
+
+def dequantize_in_out(
+    codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, groups: torch.Tensor
+) -> torch.Tensor:
+    """The weight (out, in) in float32 from codes (in, out) and per-group zeros and scales (G, out).
+
+    ``groups`` (in,) names each input row's group: ``W.T[i] = scales[g] * (codes[i] - zeros[g])``.
+    """
+    shifted = (codes - zeros[groups]).to(torch.float32)
+    return (scales[groups].to(torch.float32) * shifted).t()
 
 
 class DequantLinear(nn.Module):
@@ -27,6 +58,27 @@ class DequantLinear(nn.Module):
         self.group_size = group_size
         self._cached_weight: torch.Tensor | None = None
         self._cache_key: tuple | None = None
+
+    @classmethod
+    def from_quantized(
+        cls,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype = torch.float16,
+    ) -> Self:
+        """Pack a ``QuantizedWeight`` (and optional bias) into a new layer on the weight's device.
+
+        Scales and bias are stored in ``dtype``; ValueError when the layout cannot hold ``qw``.
+        """
+        layer = cls._packed(qw, has_bias=bias is not None, dtype=dtype)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    @classmethod
+    def _packed(cls, qw: QuantizedWeight, *, has_bias: bool, dtype: torch.dtype) -> Self:
+        """A new layer on ``qw``'s device holding ``qw``'s codes, scales and zero points."""
+        raise NotImplementedError
 
     def dequantize_weight(self) -> torch.Tensor:
         """The weight (out, in) in float32, unpacked from the buffers."""

@@ -35,21 +35,17 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from quantkit.quant.dequant_linear import DequantLinear
+from quantkit.quant.dequant_linear import (
+    DequantLinear,
+    consecutive_groups,
+    group_count,
+)
 from quantkit.quant.packing import pack_cols, unpack_cols
 
 if TYPE_CHECKING:
     from quantkit.quant.rtn import QuantizedWeight
 
 _WORD = 32
-
-
-def consecutive_groups(
-    in_features: int, group_size: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """int32 group of each input column when groups are runs of ``group_size`` columns."""
-    span = in_features if group_size == -1 else group_size
-    return (torch.arange(in_features, device=device) // span).to(torch.int32)
 
 
 def pack_dense(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -97,7 +93,7 @@ class PackQuantizedLinear(DequantLinear):
     ) -> None:
         super().__init__(in_features, out_features, bits, group_size)
         self.symmetric = symmetric
-        n_groups = 1 if group_size == -1 else math.ceil(in_features / group_size)
+        n_groups = group_count(in_features, group_size)
         words = {"dtype": torch.int32, "device": device}
         self.register_buffer(
             "weight_packed",
@@ -123,19 +119,16 @@ class PackQuantizedLinear(DequantLinear):
         self._init_bias(bias, dtype, device)
 
     @classmethod
-    def from_quantized(
-        cls,
-        qw: QuantizedWeight,
-        bias: torch.Tensor | None = None,
-        dtype: torch.dtype = torch.float16,
+    def _packed(
+        cls, qw: QuantizedWeight, *, has_bias: bool, dtype: torch.dtype
     ) -> PackQuantizedLinear:
-        """Pack a ``QuantizedWeight`` (and optional bias) into a new layer on the weight's device."""
+        """``weight_g_idx`` is stored only when ``qw``'s groups are not consecutive columns."""
         permuted = not torch.equal(
             qw.g_idx, consecutive_groups(qw.in_features, qw.group_size, qw.g_idx.device)
         )
         layer = cls(
             qw.in_features, qw.out_features, qw.bits, qw.group_size, symmetric=qw.symmetric,
-            bias=bias is not None, g_idx=permuted, dtype=dtype, device=qw.codes.device,
+            bias=has_bias, g_idx=permuted, dtype=dtype, device=qw.codes.device,
         )  # fmt: skip
         layer.weight_packed.copy_(pack_dense(qw.codes, qw.bits))
         layer.weight_scale.copy_(qw.scales)
@@ -143,8 +136,6 @@ class PackQuantizedLinear(DequantLinear):
             layer.weight_zero_point.copy_(pack_dense(qw.zeros.t(), qw.bits).t())
         if permuted:
             layer.weight_g_idx.copy_(qw.g_idx)
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
         return layer
 
     def dequantize_weight(self) -> torch.Tensor:

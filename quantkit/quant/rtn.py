@@ -80,9 +80,19 @@ def rtn_quantize(
         min_zero=min_zero,
         fp16_scales=fp16_scales,
     )
-    codes = quantize(weight, scales, zeros, scheme.bits, scheme.group_size)
+    return quantize_on_grid(weight, scales, zeros, scheme)
+
+
+def quantize_on_grid(
+    weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, scheme: QuantScheme
+) -> QuantizedWeight:
+    """The ``QuantizedWeight`` of ``weight`` (out, in) rounded onto given grids, consecutive groups.
+
+    ``scales`` and ``zeros`` are (out, n_groups); algorithms that pick their own grids (RTN's
+    min/max, AWQ's clipped ranges) build their record here.
+    """
     return QuantizedWeight(
-        codes=codes,
+        codes=quantize(weight, scales, zeros, scheme.bits, scheme.group_size),
         scales=scales,
         zeros=zeros,
         g_idx=default_g_idx(weight.shape[1], scheme.group_size, weight.device),

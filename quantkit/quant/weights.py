@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from quantkit.errors import QuantkitError
 from quantkit.models.adapters.linears import is_linear_like, is_transposed
-from quantkit.quant.linear import QuantLinear
+from quantkit.quant.dequant_linear import DequantLinear
 
 
 def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight as (out, in): a detached view for float layers, a dequantized copy for QuantLinear."""
-    if isinstance(module, QuantLinear):
+    """The weight as (out, in): a detached view for float layers, a dequantized copy for packed ones.
+
+    A packed layer is any ``DequantLinear`` (GPTQ, AWQ or compressed-tensors layout); its copy is
+    float32.
+    """
+    if isinstance(module, DequantLinear):
         return module.dequantize_weight()
     if not is_linear_like(module):
         raise QuantkitError(_unsupported(module))
