@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 
 demo: setup
 	$(QK) quantize --scheme w4a16 --group-size 128 -o $(DEMO_OUT) --overwrite
-	$(QK) eval $(DEMO_OUT) --baseline quantkit-target --dataset wikitext2 --dataset wikipedia-heldout
+	$(QK) eval $(DEMO_OUT) --baseline quantkit-target --dataset wikitext2
 
 test: setup
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu"

@@ -43,3 +43,15 @@ def test_matches_a_direct_computation():
     assert result.top1_agreement == pytest.approx(agree)
     assert result.mean_kl == pytest.approx(kl, rel=1e-4)
     assert 0 < result.top1_agreement < 1 and result.mean_kl > 0
+
+
+def test_paired_evaluation_matches_separate_perplexities():
+    from quantkit.eval.agreement import paired_evaluation
+    from quantkit.eval.perplexity import perplexity
+
+    a, b = tiny(3), tiny(4)
+    text = "pack my box with five dozen liquor jugs. " * 20
+    got, want, agreement = paired_evaluation(a, b, ByteTokenizer(), text, seq_len=16, batch_size=5, progress=False)
+    assert got.perplexity == pytest.approx(perplexity(a, ByteTokenizer(), text, seq_len=16, progress=False).perplexity)
+    assert want.perplexity == pytest.approx(perplexity(b, ByteTokenizer(), text, seq_len=16, progress=False).perplexity)
+    assert agreement.positions == got.windows * 15

@@ -9,11 +9,12 @@ non-overlapping windows as perplexity.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 
-from quantkit.eval.perplexity import text_windows
+from quantkit.eval.perplexity import PerplexityResult, mean_next_token_nll, text_windows
 
 _CHUNK_POSITIONS = 2048
 
@@ -30,29 +31,45 @@ class AgreementResult:
 
 
 @torch.no_grad()
-def prediction_agreement(model, reference, tokenizer, text: str, *, seq_len: int = 512, batch_size: int = 4,
-                         max_windows: int | None = None, device=None, progress: bool = True,
-                         dataset: str = "") -> AgreementResult:
-    """Top-1 agreement and mean KL(reference || model) over every predicting position."""
+def paired_evaluation(model, reference, tokenizer, text: str, *, seq_len: int = 512, batch_size: int = 4,
+                      max_windows: int | None = None, device=None, progress: bool = True,
+                      dataset: str = "") -> tuple[PerplexityResult, PerplexityResult, AgreementResult]:
+    """Perplexity of both models and their agreement, from one forward pass of each per window."""
     from rich.console import Console
     from rich.progress import Progress
 
     windows = text_windows(tokenizer, text, seq_len, max_windows)
+    nlls = {"model": [], "reference": []}
     same = kl_sum = 0.0
     count = 0
     console = Console(stderr=True)
     with Progress(console=console, transient=True, disable=not progress or not console.is_terminal) as bar:
-        task = bar.add_task(f"agreement {dataset}", total=len(windows))
+        task = bar.add_task(f"evaluating {dataset}", total=len(windows))
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size].to(device)
-            got = model(input_ids=batch, use_cache=False).logits[:, :-1]
-            want = reference(input_ids=batch, use_cache=False).logits[:, :-1]
+            got = model(input_ids=batch, use_cache=False).logits
+            want = reference(input_ids=batch, use_cache=False).logits
+            for key, logits in (("model", got), ("reference", want)):
+                nlls[key] += [mean_next_token_nll(row, ids).item() for row, ids in zip(logits, batch)]
+            got, want = got[:, :-1], want[:, :-1]
             batch_same, batch_kl = _compare(got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1]))
             same += batch_same
             kl_sum += batch_kl
             count += got.shape[0] * got.shape[1]
             bar.advance(task, len(batch))
-    return AgreementResult(top1_agreement=same / count, mean_kl=kl_sum / count, positions=count, dataset=dataset)
+    results = [_perplexity_result(nlls[key], windows, seq_len, dataset) for key in ("model", "reference")]
+    return results[0], results[1], AgreementResult(same / count, kl_sum / count, count, dataset)
+
+
+def prediction_agreement(model, reference, tokenizer, text: str, **options) -> AgreementResult:
+    """Top-1 agreement and mean KL(reference || model) over every predicting position."""
+    return paired_evaluation(model, reference, tokenizer, text, **options)[2]
+
+
+def _perplexity_result(nlls: list[float], windows: torch.Tensor, seq_len: int, dataset: str) -> PerplexityResult:
+    nll = sum(nlls) / len(nlls)
+    return PerplexityResult(perplexity=math.exp(nll), nll=nll, tokens=windows.numel(), windows=len(windows),
+                            seq_len=seq_len, dataset=dataset)
 
 
 def _compare(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:

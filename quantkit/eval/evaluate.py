@@ -28,7 +28,7 @@ def evaluate_pair(model: str | None, baseline: str, *, datasets: Sequence[str] =
     The model's result carries ``extra["agreement"][dataset]``: top-1 agreement and mean KL
     against the baseline. Both models stay loaded together for that comparison.
     """
-    from quantkit.eval.agreement import prediction_agreement
+    from quantkit.eval.agreement import paired_evaluation
 
     texts = _texts(datasets)
     base_loaded = _load(baseline, device, dtype)
@@ -36,15 +36,14 @@ def evaluate_pair(model: str | None, baseline: str, *, datasets: Sequence[str] =
     if loaded.model.config.vocab_size != base_loaded.model.config.vocab_size:
         raise QuantkitError(f"'{loaded.path}' and the baseline '{base_loaded.path}' have different vocabularies; "
                             "they cannot be compared position by position")
-    options = (seq_len, batch_size, max_windows, device, progress)
-    base = _evaluate_loaded(baseline, base_loaded, texts, *options)
-    result = _evaluate_loaded(model, loaded, texts, *options)
-    result.extra["agreement"] = {
-        name: prediction_agreement(loaded.model, base_loaded.model, loaded.tokenizer, text, seq_len=seq_len,
-                                   batch_size=batch_size, max_windows=max_windows, device=device,
-                                   progress=progress, dataset=name).to_dict()
-        for name, text in texts.items()
-    }
+    result, base = _result(model, loaded, {}, device), _result(baseline, base_loaded, {}, device)
+    result.extra["agreement"] = {}
+    for name, text in texts.items():
+        ppl, base_ppl, agreement = paired_evaluation(
+            loaded.model, base_loaded.model, loaded.tokenizer, text, seq_len=seq_len, batch_size=batch_size,
+            max_windows=max_windows, device=device, progress=progress, dataset=name)
+        result.perplexity[name], base.perplexity[name] = ppl, base_ppl
+        result.extra["agreement"][name] = agreement.to_dict()
     return result, base
 
 
@@ -64,7 +63,6 @@ def _load(model: str | None, device: str, dtype: str):
 
 
 def _evaluate_loaded(model, loaded, texts, seq_len, batch_size, max_windows, device, progress) -> EvalResult:
-    from quantkit.eval.footprint import footprint
     from quantkit.eval.perplexity import perplexity
 
     results = {
@@ -72,8 +70,14 @@ def _evaluate_loaded(model, loaded, texts, seq_len, batch_size, max_windows, dev
                          max_windows=max_windows, device=device, progress=progress, dataset=name)
         for name, text in texts.items()
     }
+    return _result(model, loaded, results, device)
+
+
+def _result(model, loaded, perplexities: dict, device: str) -> EvalResult:
+    from quantkit.eval.footprint import footprint
+
     method = (loaded.quantization_config or {}).get("quant_method", "float")
     extra = {"dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."), "quantization": method,
              "device": device}
     return EvalResult(model=model if model is not None else "quantkit-target", path=loaded.path,
-                      perplexity=results, footprint=footprint(loaded.model, loaded.path), extra=extra)
+                      perplexity=perplexities, footprint=footprint(loaded.model, loaded.path), extra=extra)
