@@ -25,7 +25,7 @@ demo: setup
 	$(QK) eval $(DEMO_OUT) --baseline quantkit-target --dataset wikitext2
 
 test: setup
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu"
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu" --durations=10
 
 test-gpu: setup
 	$(PY) -m pytest -q -m gpu
