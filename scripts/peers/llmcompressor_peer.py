@@ -4,6 +4,11 @@ What is evaluated is the model object `oneshot` returns (its linears fake-quanti
 through compressed-tensors in every forward). The compressed-tensors checkpoint it then saves is
 reloaded through transformers and its logits compared with the in-memory model's, which says
 whether the saved layout round-trips on the CPU.
+
+llm-compressor 0.14.0.1's AWQModifier pins its cached activations (`IntermediatesCache.pin_memory`)
+unconditionally, which raises "Cannot access accelerator device when none is available" on a
+machine without one; pinning only speeds host-to-device copies, so without an accelerator it is
+made a no-op here, and the run's record says so.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ def run(spec: RunSpec, out_dir: Path, max_windows: int | None, phases: common.Ph
             {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
         )
     recipe = build_recipe(spec)
+    workarounds = [] if torch.accelerator.is_available() else [skip_activation_pinning()]
     with phases.measure("quantize"):
         model = oneshot(
             model=model,
@@ -52,6 +58,7 @@ def run(spec: RunSpec, out_dir: Path, max_windows: int | None, phases: common.Ph
         "linears, float32 activations)",
         "perplexity": perplexities,
         "recipe": [describe_modifier(modifier) for modifier in recipe],
+        "workarounds": workarounds,
         "saved_quantization_config": saved_quantization_config(out_dir),
         "reload_check": reload_check(out_dir, windows, in_memory_logits, phases),
     }
@@ -67,6 +74,16 @@ def build_recipe(spec: RunSpec) -> list:
     if spec.method == "awq":
         return [AWQModifier(**spec.options), QuantizationModifier(ignore=["lm_head"], **scheme)]
     raise ValueError(f"llm-compressor run {spec.name!r}: unknown method {spec.method!r}")
+
+
+def skip_activation_pinning() -> str:
+    from llmcompressor.pipelines.cache import IntermediatesCache
+
+    def pin_memory(self, batch_index: int, input_names: list[str] | None = None) -> None:
+        return None
+
+    IntermediatesCache.pin_memory = pin_memory
+    return "IntermediatesCache.pin_memory made a no-op (no accelerator to pin memory for)"
 
 
 def weight_scheme(spec: RunSpec) -> dict:
@@ -104,7 +121,7 @@ def reload_check(out_dir: Path, windows, in_memory_logits, phases: common.Phases
         with phases.measure("reload"):
             reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
         logits = common.logits_on(reloaded, windows)
-    except Exception as error:  # the check reports any failure rather than ending the run
+    except Exception as error:  # noqa: BLE001 - the check reports any failure, the run goes on
         return {"ok": False, "error": f"{type(error).__name__}: {error}"}
     first_linear = reloaded.model.layers[0].self_attn.q_proj
     return {

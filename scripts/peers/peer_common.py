@@ -13,9 +13,13 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 TARGET = Path(__file__).resolve().parents[2] / "quantkit" / "bundled" / "target"
-CALIBRATION = dict(source="wikipedia", num_samples=128, seq_len=512, seed=0)
+CALIBRATION = {"source": "wikipedia", "num_samples": 128, "seq_len": 512, "seed": 0}
 EVAL_DATASETS = ("wikitext2", "wikipedia-heldout")
 EVAL_SEQ_LEN = 512
 
@@ -103,7 +107,7 @@ def evaluate(
     return results
 
 
-def logits_on(model, ids) -> "torch.Tensor":  # noqa: F821 - torch is imported lazily
+def logits_on(model, ids) -> torch.Tensor:
     import torch
 
     with torch.no_grad():

@@ -33,24 +33,32 @@ RUNS: tuple[RunSpec, ...] = (
     RunSpec("lc-gptq-w4g128", "llmcompressor", "gptq", 4, 128, preset="W4A16"),
     RunSpec(
         "lc-gptq-w4g128-noact", "llmcompressor", "gptq", 4, 128,
-        options={"actorder": None}, note="actorder off: plain GPTQ column order",
+        options={"actorder": None}, default=False, note="actorder off: plain GPTQ column order",
     ),
     RunSpec("lc-gptq-w3g128", "llmcompressor", "gptq", 3, 128),
     RunSpec("lc-gptq-w8ch", "llmcompressor", "gptq", 8, None),
     # llm-compressor: AWQModifier + QuantizationModifier, asymmetric as in its AWQ examples
     RunSpec("lc-awq-w4g128", "llmcompressor", "awq", 4, 128, symmetric=False, preset="W4A16_ASYM"),
     RunSpec("lc-awq-w3g128", "llmcompressor", "awq", 3, 128, symmetric=False),
-    RunSpec("lc-awq-w4g128-sym", "llmcompressor", "awq", 4, 128, preset="W4A16", default=False),
+    RunSpec(
+        "lc-awq-w4g128-sym", "llmcompressor", "awq", 4, 128, preset="W4A16", default=False,
+        note="symmetric, like quantkit's default scheme",
+    ),
     # GPTQModel (defaults: damp_percent 0.05, act_group_aware True unless desc_act, true_sequential)
     RunSpec("gm-gptq-w4g128", "gptqmodel", "gptq", 4, 128, options={"desc_act": False}),
     RunSpec("gm-gptq-w4g128-desc", "gptqmodel", "gptq", 4, 128, options={"desc_act": True}),
     RunSpec(
         "gm-gptq-w4g128-plain", "gptqmodel", "gptq", 4, 128,
         options={"desc_act": False, "act_group_aware": False, "damp_percent": 0.01},
+        default=False,
         note="vanilla GPTQ settings: no reordering, damp 0.01 (quantkit's defaults)",
     ),
     RunSpec("gm-gptq-w3g128", "gptqmodel", "gptq", 3, 128, options={"desc_act": False}),
-    RunSpec("gm-gptq-w8ch", "gptqmodel", "gptq", 8, None, options={"desc_act": False}),
+    RunSpec(
+        "gm-gptq-w8ch", "gptqmodel", "gptq", 8, None,
+        options={"desc_act": False, "act_group_aware": False},
+        note="act_group_aware off: GPTQModel refuses it without groups",
+    ),
 )
 
 
