@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 from quantkit.quant.awq_error import group_output_errors, row_chunks
-from quantkit.quant.qdq import compute_qparams, max_code, quantize
-from quantkit.quant.rtn import QuantizedWeight, default_g_idx
+from quantkit.quant.qdq import compute_qparams, max_code
+from quantkit.quant.rtn import QuantizedWeight, quantize_on_grid
 from quantkit.quant.scheme import QuantScheme, check_group_size
 
 
@@ -86,15 +86,7 @@ def quantize_clipped(
             f"{(weight.shape[0], n_groups, 2)} (out, n_groups, [low, high])"
         )
     scales, zeros = range_qparams(ranges.to(weight.device), scheme)
-    return QuantizedWeight(
-        codes=quantize(weight, scales, zeros, scheme.bits, scheme.group_size),
-        scales=scales,
-        zeros=zeros,
-        g_idx=default_g_idx(weight.shape[1], scheme.group_size, weight.device),
-        bits=scheme.bits,
-        group_size=scheme.group_size,
-        symmetric=scheme.symmetric,
-    )
+    return quantize_on_grid(weight, scales, zeros, scheme)
 
 
 def _best_ratios(
