@@ -143,7 +143,7 @@ def run_child(spec: RunSpec, args: argparse.Namespace) -> dict:
         record = json.loads(record_path.read_text())
     else:
         record = {"spec": spec.to_dict(), "ok": False, "error": log_tail(log_path)}
-    record.update(total_process_wall_s=total, log=str(log_path))
+    record.update(total_process_wall_s=total, log=str(log_path), command=command_line())
     return record
 
 
@@ -157,10 +157,11 @@ def starting_report(args: argparse.Namespace) -> dict:
     if args.results.exists():
         existing = json.loads(args.results.read_text())
         if existing.get("settings") == settings:
-            existing.update(command=command_line(), versions=package_versions())
+            existing["commands"] = [*existing.get("commands", []), command_line()]
+            existing["versions"] = package_versions()
             return existing
     return {
-        "command": command_line(),
+        "commands": [command_line()],
         "versions": package_versions(),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version()},
