@@ -50,12 +50,13 @@ def _capture_group_inputs(ctx: LayerContext, groups) -> dict[str, torch.Tensor]:
     keep = min(1.0, MAX_ROWS / total)
     generator = torch.Generator(device=ctx.device).manual_seed(ctx.index)
     rows: dict[str, list[torch.Tensor]] = {group.name: [] for group in groups}
-    handles = []
+    handles, observed = [], []
     for group in groups:
         _name, first = ctx.targets(group)[0]
-        handles.append(first.register_forward_hook(_collector(rows[group.name], keep, generator)))
+        handles.append(first.register_forward_pre_hook(_collector(rows[group.name], keep, generator)))
+        observed.append(first)
     try:
-        ctx.forward_all()
+        ctx.forward_all(stop_before=observed)
     finally:
         for handle in handles:
             handle.remove()
@@ -63,7 +64,7 @@ def _capture_group_inputs(ctx: LayerContext, groups) -> dict[str, torch.Tensor]:
 
 
 def _collector(parts: list[torch.Tensor], keep: float, generator: torch.Generator):
-    def hook(_module, inputs, _output):
+    def hook(_module, inputs):
         x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
         if keep < 1.0:
             mask = torch.rand(x.shape[0], device=x.device, generator=generator) < keep

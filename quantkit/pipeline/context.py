@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
 
 from quantkit.models.adapters import LinearGroup, ModelAdapter
 from quantkit.pipeline.capture import LayerBatch, run_layer
+from quantkit.pipeline.replay import ReplayCache
 from quantkit.quant.rtn import QuantizedWeight
 from quantkit.quant.scheme import QuantScheme
 from quantkit.quant.weights import set_weight_out_in, weight_out_in
@@ -48,6 +50,8 @@ class LayerContext:
     batches: list[LayerBatch] | None
     result: PipelineResult
     report: LayerReport
+    replay_budget_bytes: int = 0
+    _finished: set[str] = field(default_factory=set)
 
     def full_name(self, relative: str) -> str:
         return f"{self.prefix}.{self.index}.{relative}"
@@ -77,10 +81,34 @@ class LayerContext:
         set_weight_out_in(module, represented.to(original.dtype))
         self.result.quantized[name] = _to_cpu(qweight)
 
-    def forward_all(self) -> None:
-        """Run the layer over every calibration batch, discarding the outputs (hooks observe)."""
-        for batch in self.batches or []:
-            run_layer(self.layer, batch, self.device)
+    @cached_property
+    def replay(self) -> ReplayCache:
+        groups = self.groups()
+        return ReplayCache(self.layer, [group.linears for group in groups], self.replay_budget_bytes)
+
+    def finish(self, group: LinearGroup) -> None:
+        """Declare the group's linears final, so later passes may replay what depends only on them."""
+        self._finished.add(group.name)
+        groups = self.groups()
+        done = 0
+        while done < len(groups) and (groups[done].name in self._finished or not self.targets(groups[done])):
+            done += 1
+        self.replay.finished_groups = done
+
+    def forward_all(self, stop_before: list[nn.Module] | tuple = ()) -> None:
+        """Run the layer over every calibration batch, discarding the outputs (hooks observe).
+
+        Each batch stops as soon as every module of ``stop_before`` has been reached: observe
+        them with forward pre-hooks (registered before this call)."""
+        self.replay.run(self.batches or [], lambda batch: run_layer(self.layer, batch, self.device),
+                        stop_before=stop_before)
+
+    def advance(self) -> None:
+        """Replace each batch's hidden states by the (quantized) layer's output, in place."""
+        batches = self.batches or []
+        outputs = self.replay.run(batches, lambda batch: run_layer(self.layer, batch, self.device), record=False)
+        for batch, output in zip(batches, outputs):
+            batch.hidden = output
 
 
 def _to_cpu(qweight: QuantizedWeight) -> QuantizedWeight:

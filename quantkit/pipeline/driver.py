@@ -40,11 +40,14 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
 
 def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, device: str | torch.device = "cpu",
                    samples: torch.Tensor | None = None, batch_size: int = 8, offload_activations: bool = False,
+                   replay_budget_bytes: int | None = None,
                    on_layer: Callable[[LayerReport], None] | None = None) -> PipelineResult:
     """Apply the recipe's weight step to every decoder layer, one layer at a time.
 
     ``samples`` (N, L) token ids are required by calibration methods (GPTQ, AWQ) and ignored by
     RTN. ``on_layer`` is called after each layer (progress bars hang on it).
+    ``replay_budget_bytes`` bounds the memory kept for replaying finished sub-modules' outputs
+    (``pipeline/replay.py``); by default it is spent only where activations live in CPU memory.
     """
     (step,) = recipe.steps
     device = torch.device(device)
@@ -59,6 +62,8 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
         storage = torch.device("cpu") if offload_activations else device
         batches = capture_first_layer_inputs(model, layers, samples, device=device, batch_size=batch_size,
                                              storage=storage)
+        if replay_budget_bytes is None:
+            replay_budget_bytes = default_replay_budget(batches, device)
     result = PipelineResult(quantized={}, layers=[], skipped=[])
     prefix, scheme = adapter.layer_prefix(model), step.quant_scheme()
     for index, layer in enumerate(layers):
@@ -67,9 +72,11 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
         layer.to(device)
         report = LayerReport(index)
         reference = run_layer(layer, batches[0], device) if batches else None
-        method(LayerContext(layer, index, prefix, adapter, device, scheme, batches, result, report))
+        ctx = LayerContext(layer, index, prefix, adapter, device, scheme, batches, result, report,
+                           replay_budget_bytes=replay_budget_bytes or 0)
+        method(ctx)
         if batches:
-            _advance(layer, batches, device)
+            ctx.advance()
             report.output_error = _relative(batches[0].hidden, reference)
         layer.to(home)
         report.seconds = time.perf_counter() - started
@@ -99,10 +106,25 @@ def _layer_method(step: WeightQuantStep) -> Callable[[LayerContext], None]:
     raise ValueError(f"unknown method {step.method!r}")
 
 
-def _advance(layer: nn.Module, batches: list[LayerBatch], device: torch.device) -> None:
-    """Replace each batch's hidden states by the (quantized) layer's output, in place."""
-    for batch in batches:
-        batch.hidden = run_layer(layer, batch, device)
+def default_replay_budget(batches: list[LayerBatch], device: torch.device) -> int:
+    """Replay memory when not asked: none on an accelerator (its peak memory is what the pipeline
+    keeps low); in CPU memory, four times the activations (at least 1 GiB) but at most a quarter
+    of the memory available now."""
+    if device.type != "cpu":
+        return 0
+    activations = sum(batch.hidden.numel() * batch.hidden.element_size() for batch in batches)
+    return min(max(4 * activations, 1 << 30), _available_memory() // 4)
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
 
 
 def _relative(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -4,7 +4,9 @@ The linears of a group read the same input, so they share one Hessian. With true
 order (the default) the groups are handled one after another — attention inputs, attention
 output, MLP inputs, MLP output — and each group's Hessian is collected with the groups before it
 already quantized, so later layers learn to compensate for earlier rounding. Without it one pass
-collects every group's Hessian from the float layer.
+collects every group's Hessian from the float layer. Each pass stops once its group has seen its
+input, and replays the outputs of finished groups (``pipeline/replay.py``), so the extra passes
+cost far less than whole forward passes.
 """
 
 from __future__ import annotations
@@ -27,17 +29,20 @@ def quantize_layer_gptq(ctx: LayerContext, config: GPTQConfig, true_sequential: 
                 qweight, _loss = gptq_quantize(weight, hessian, ctx.scheme, config, module_name=name)
                 ctx.record(name, module, qweight, reference=weight)
             del hessian
+            if true_sequential:
+                ctx.finish(group)
 
 
 def _collect_hessians(ctx: LayerContext, groups) -> dict[str, HessianAccumulator]:
-    accumulators, handles = {}, []
+    accumulators, handles, observed = {}, [], []
     for group in groups:
         _name, first = ctx.targets(group)[0]
         accumulator = HessianAccumulator(weight_out_in(first).shape[1], device=ctx.device)
         accumulators[group.name] = accumulator
-        handles.append(first.register_forward_hook(_observer(accumulator)))
+        handles.append(first.register_forward_pre_hook(_observer(accumulator)))
+        observed.append(first)
     try:
-        ctx.forward_all()
+        ctx.forward_all(stop_before=observed)
     finally:
         for handle in handles:
             handle.remove()
@@ -45,7 +50,7 @@ def _collect_hessians(ctx: LayerContext, groups) -> dict[str, HessianAccumulator
 
 
 def _observer(accumulator: HessianAccumulator):
-    def hook(_module, inputs, _output):
+    def hook(_module, inputs):
         accumulator.add_batch(inputs[0].detach())
 
     return hook
