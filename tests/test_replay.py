@@ -44,7 +44,7 @@ def test_replayed_passes_give_the_same_outputs_and_skip_the_recorded_work():
     layer, batches, groups = layer_and_batches()
     want = [run_layer(layer, batch, CPU) for batch in batches]
     cache = ReplayCache(layer, groups, budget_bytes=1 << 30)
-    run = lambda batch: run_layer(layer, batch, CPU)  # noqa: E731
+    run = lambda batch: run_layer(layer, batch, CPU)
     cache.finished_groups = 2
     cache.run(batches, run)  # records self_attn
     calls = count_calls(layer)

@@ -14,7 +14,12 @@ import torch
 
 from quantkit.models.folding import fold_input_scales
 from quantkit.pipeline.context import LayerContext
-from quantkit.quant.awq import AWQConfig, awq_quantize, awq_search_clip, awq_search_scales
+from quantkit.quant.awq import (
+    AWQConfig,
+    awq_quantize,
+    awq_search_clip,
+    awq_search_scales,
+)
 from quantkit.quant.weights import weight_out_in
 
 MAX_ROWS = 32768
