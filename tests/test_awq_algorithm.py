@@ -7,11 +7,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from quantkit.errors import QuantkitError
 from quantkit.models.adapters import get_adapter
 from quantkit.models.folding import fold_input_scales
+from quantkit.quant.activation_stats import ActivationStats
 from quantkit.quant.awq import (
     AWQConfig,
     awq_quantize,
     awq_search_clip,
+    awq_search_clip_from_stats,
     awq_search_scales,
+    awq_search_scales_from_stats,
 )
 from quantkit.quant.qdq import fake_quantize, max_code
 from quantkit.quant.rtn import rtn_quantize
@@ -310,3 +313,22 @@ def test_cuda_search_matches_cpu():
     cpu_ranges = awq_search_clip(x / cpu_scales, folded, scheme)
     gpu_ranges = awq_search_clip((x / cpu_scales).cuda(), folded.cuda(), scheme)
     assert torch.allclose(gpu_ranges.cpu(), cpu_ranges)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_statistics_accumulated_batch_by_batch_choose_what_the_inputs_choose(symmetric):
+    x = _inputs(tokens=600)
+    weights = _weights([(64, 128), (32, 128)])
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=symmetric)
+    stats = ActivationStats(128)
+    for chunk in x.split(70):
+        stats.add_batch(chunk)
+    assert stats.tokens == 600
+    torch.testing.assert_close(stats.abs_mean, x.abs().mean(0))
+    scales, report = awq_search_scales(x, weights, scheme)
+    from_stats, report_from_stats = awq_search_scales_from_stats(stats, weights, scheme)
+    assert report["scaled"] and report_from_stats["alpha"] == report["alpha"]
+    torch.testing.assert_close(from_stats, scales)
+    folded = weights[0] * scales
+    torch.testing.assert_close(awq_search_clip_from_stats(stats, folded, scheme, scales=scales),
+                               awq_search_clip(x / scales, folded, scheme))

@@ -298,7 +298,7 @@ def test_hessian_split_and_merge_equals_one_accumulator():
     second.add_batch(x[300:])
     first.merge(second)
     assert first.num_tokens == whole.num_tokens == 512
-    # batches' float32 products round differently; the float64 sums add no further error
+    # batches' float32 products and float32 sums round differently from one big product
     tolerance = {"rtol": 1e-5, "atol": 1e-6 * float(whole.hessian.abs().max())}
     torch.testing.assert_close(first.hessian, whole.hessian, **tolerance)
     # what data-parallel ranks do: all-reduce (sum) the raw sums and counts
@@ -307,9 +307,42 @@ def test_hessian_split_and_merge_equals_one_accumulator():
     ranks[1].add_batch(x[256:])
     sums, counts = zip(*(rank.state for rank in ranks))
     reduced = HessianAccumulator.from_sum(sums[0] + sums[1], counts[0] + counts[1])
-    assert sums[0].dtype == torch.float64
+    assert sums[0].dtype == torch.float32
     torch.testing.assert_close(reduced.hessian, whole.hessian, **tolerance)
     torch.testing.assert_close(reduced.state[0], sums[0] + sums[1], rtol=0, atol=0)
+
+
+def test_wide_layers_accumulate_a_block_of_columns_at_a_time(monkeypatch):
+    from quantkit.quant import hessian as hessian_module
+
+    x = correlated_inputs(tokens=200)
+    whole = HessianAccumulator(IN_FEATURES)
+    whole.add_batch(x)
+    monkeypatch.setattr(hessian_module, "_BLOCK_COLUMNS", 24)  # uneven slices of the columns
+    blocked = HessianAccumulator(IN_FEATURES)
+    blocked.add_batch(x[:120])
+    blocked.add_batch(x[120:])
+    torch.testing.assert_close(blocked.hessian, whole.hessian, rtol=1e-5, atol=1e-5)
+
+
+def test_take_hessian_reuses_the_sum_and_empties_the_accumulator():
+    accumulator = HessianAccumulator(IN_FEATURES)
+    accumulator.add_batch(correlated_inputs(tokens=100))
+    expected = accumulator.hessian
+    taken = accumulator.take_hessian()
+    torch.testing.assert_close(taken, expected, rtol=0, atol=0)
+    assert accumulator.num_tokens == 0
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_overwriting_the_hessian_gives_the_same_result_and_frees_it(act_order):
+    x, weight = correlated_inputs(), random_weight()
+    scheme, config = QuantScheme(bits=4, group_size=32), GPTQConfig(act_order=act_order)
+    copied, _ = gptq_quantize(weight, hessian_of(x), scheme, config)
+    h = hessian_of(x)
+    reused, _ = gptq_quantize(weight, h, scheme, config, overwrite_hessian=True)
+    assert torch.equal(copied.codes, reused.codes) and torch.equal(copied.scales, reused.scales)
+    assert h.numel() == 0  # its memory went back as soon as the factorisation no longer needed it
 
 
 def test_empty_hessian_accumulator_is_an_error():

@@ -23,10 +23,13 @@ def quantize_layer_gptq(ctx: LayerContext, config: GPTQConfig, true_sequential: 
     for stage in stages:
         hessians = _collect_hessians(ctx, stage)
         for group in stage:
-            hessian = hessians[group.name].hessian
-            for name, module in ctx.targets(group):
+            hessian = hessians.pop(group.name).take_hessian()
+            targets = ctx.targets(group)
+            for position, (name, module) in enumerate(targets):
                 weight = weight_out_in(module)
-                qweight, _loss = gptq_quantize(weight, hessian, ctx.scheme, config, module_name=name)
+                last = position == len(targets) - 1  # the last linear may use the Hessian as working memory
+                qweight, _loss = gptq_quantize(weight, hessian, ctx.scheme, config, module_name=name,
+                                               overwrite_hessian=last)
                 ctx.record(name, module, qweight, reference=weight)
             del hessian
             if true_sequential:

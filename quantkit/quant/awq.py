@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.quant.activation_stats import ActivationStats
 from quantkit.quant.awq_clip import (
     fake_quantize_clipped,
     quantize_clipped,
@@ -47,7 +48,6 @@ from quantkit.quant.awq_clip import (
 )
 from quantkit.quant.awq_error import (
     diagonal_blocks,
-    gram,
     gram_blocks,
     output_error,
     scale_blocks,
@@ -122,13 +122,38 @@ def awq_search_scales(
     ``error_unscaled`` (``s = 1``, same quantizer) and ``error_rtn`` (``s = 1``, plain RTN).
     """
     _check_shapes(x, weights)
-    check_group_size(x.shape[1], scheme.group_size, "<weight>")
     x = x.float()
-    stacked = torch.cat([w.detach().float().to(x.device) for w in weights])
-    hessian = gram(x)
-    score = _scorer(x, stacked, hessian, [w.shape[0] for w in weights], config, output_fn)
+    score = None
+    if output_fn is not None:
+        stacked = torch.cat([w.detach().float().to(x.device) for w in weights])
+        score = _output_fn_scorer(x, stacked, [w.shape[0] for w in weights], config, output_fn)
+    return _search_scales(ActivationStats.of(x), weights, scheme, config, score)
+
+
+def awq_search_scales_from_stats(
+    stats: ActivationStats, weights: Sequence[torch.Tensor], scheme: QuantScheme, config: AWQConfig = AWQConfig()
+) -> tuple[torch.Tensor, dict]:
+    """``awq_search_scales`` from accumulated input statistics instead of the inputs themselves
+    (what the pipeline uses: nothing but two sums is kept per group, over every token)."""
+    _check_widths(stats.in_features, weights)
+    return _search_scales(stats, weights, scheme, config, None)
+
+
+def _search_scales(
+    stats: ActivationStats,
+    weights: Sequence[torch.Tensor],
+    scheme: QuantScheme,
+    config: AWQConfig,
+    score: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> tuple[torch.Tensor, dict]:
+    check_group_size(stats.in_features, scheme.group_size, "<weight>")
+    hessian = stats.gram
+    stacked = torch.cat([w.detach().float().to(hessian.device) for w in weights])
+    if score is None:
+        elements = stats.tokens * stacked.shape[0]
+        score = lambda represented: output_error(stacked - represented, hessian) / elements
     represent = _representer(stacked, hessian, scheme, config)
-    candidates = _candidates(x, stacked, scheme, config)
+    candidates = _candidates(stats.abs_mean, stacked, scheme, config)
     errors = torch.stack([score(represent(scales)) for scales in candidates]).tolist()
     best = min(range(len(errors)), key=errors.__getitem__)  # ties keep s = 1
     plain = fake_quantize(stacked, scheme, min_zero=1, fp16_scales=True)
@@ -157,6 +182,24 @@ def awq_search_clip(
     return search_clip_ranges(weight, blocks, scheme, config.clip_ratios().tolist())
 
 
+def awq_search_clip_from_stats(
+    stats: ActivationStats,
+    weight: torch.Tensor,
+    scheme: QuantScheme,
+    config: AWQConfig = AWQConfig(),
+    *,
+    scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``awq_search_clip`` from the statistics of the captured input; with ``scales`` the
+    input the layer will see is taken to be ``x / scales`` (the group's folded scales)."""
+    _check_widths(stats.in_features, [weight])
+    check_group_size(weight.shape[1], scheme.group_size, "<weight>")
+    blocks = diagonal_blocks(stats.gram.to(weight.device), scheme.group_size)
+    if scales is not None:
+        blocks = scale_blocks(blocks, scales.to(weight.device).float())
+    return search_clip_ranges(weight, blocks, scheme, config.clip_ratios().tolist())
+
+
 def awq_quantize(
     weight: torch.Tensor, scheme: QuantScheme, clip: torch.Tensor | None, *, module_name: str
 ) -> QuantizedWeight:
@@ -174,11 +217,11 @@ def _clips_in_search(config: AWQConfig) -> bool:
 
 
 def _candidates(
-    x: torch.Tensor, stacked: torch.Tensor, scheme: QuantScheme, config: AWQConfig
+    abs_mean: torch.Tensor, stacked: torch.Tensor, scheme: QuantScheme, config: AWQConfig
 ) -> torch.Tensor:
     """Candidate scales (1 + grid, in): ``s = 1`` first, then one row per α."""
-    x_mean = _relative(torch.linalg.vector_norm(x, ord=1, dim=0) / x.shape[0])
-    alphas = torch.tensor(config.alphas(), device=x.device).unsqueeze(1)
+    x_mean = _relative(abs_mean.to(stacked.device))
+    alphas = torch.tensor(config.alphas(), device=stacked.device).unsqueeze(1)
     scales = x_mean.pow(alphas)
     if config.duo_scaling:
         scales = scales / _relative(_weight_magnitude(stacked, scheme.group_size)).pow(1.0 - alphas)
@@ -204,18 +247,10 @@ def _representer(
     return represent
 
 
-def _scorer(
-    x: torch.Tensor,
-    stacked: torch.Tensor,
-    hessian: torch.Tensor,
-    rows: list[int],
-    config: AWQConfig,
-    output_fn: OutputFn | None,
+def _output_fn_scorer(
+    x: torch.Tensor, stacked: torch.Tensor, rows: list[int], config: AWQConfig, output_fn: OutputFn
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function from represented weights to the group's mean squared output error (0-d tensor)."""
-    if output_fn is None:
-        elements = x.shape[0] * stacked.shape[0]
-        return lambda represented: output_error(stacked - represented, hessian) / elements
+    """A function from represented weights to ``output_fn``'s mean squared error (0-d tensor)."""
     sample = subsample_rows(x, config.max_tokens)
     reference = output_fn(sample, list(stacked.split(rows))).float()
     return lambda represented: (
@@ -239,10 +274,14 @@ def _relative(values: torch.Tensor) -> torch.Tensor:
 def _check_shapes(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> None:
     if x.dim() != 2:
         raise ValueError(f"AWQ expects inputs shaped (tokens, in), got {tuple(x.shape)}")
+    _check_widths(x.shape[1], weights)
+
+
+def _check_widths(in_features: int, weights: Sequence[torch.Tensor]) -> None:
     if not weights:
         raise ValueError("AWQ needs at least one weight")
     for weight in weights:
-        if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        if weight.dim() != 2 or weight.shape[1] != in_features:
             raise ValueError(
-                f"weight shaped {tuple(weight.shape)} does not read inputs of {x.shape[1]} channels"
+                f"weight shaped {tuple(weight.shape)} does not read inputs of {in_features} channels"
             )

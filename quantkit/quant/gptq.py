@@ -93,8 +93,13 @@ def gptq_quantize(
     config: GPTQConfig = GPTQConfig(),
     *,
     module_name: str = "<weight>",
+    overwrite_hessian: bool = False,
 ) -> tuple[QuantizedWeight, float]:
     """GPTQ-quantize a weight (out, in) given its inputs' Hessian (in, in).
+
+    With ``overwrite_hessian`` a float32 ``hessian`` on the weight's device is used as working
+    memory (and left overwritten) instead of copied: the last linear of a group that shares one
+    Hessian saves a full matrix that way.
 
     Returns the quantized weight (codes in original column order; with act-order ``g_idx`` maps
     each column to its group in processing order) and the reference code's loss
@@ -105,7 +110,9 @@ def gptq_quantize(
     check_group_size(cols, scheme.group_size, module_name)
     device = weight.device
     w = weight.to(torch.float32, copy=True)
-    h = hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+    reuse = overwrite_hessian and hessian.dtype == torch.float32 and hessian.device == device
+    h = hessian if reuse else hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+    del hessian
 
     dead = h.diagonal() == 0
     h.diagonal().masked_fill_(dead, 1.0)
@@ -118,12 +125,13 @@ def gptq_quantize(
         weight_t = w.t().contiguous()
     else:
         weight_t = w.t().index_select(0, perm)
-        h = h.index_select(0, perm).index_select(1, perm)
+        permuted = h.index_select(0, perm).index_select(1, perm)
+        _release(h)
+        h = permuted
     del w
 
     h.diagonal().add_(config.damp_percent * h.diagonal().mean())
     hinv_upper = _inverse_cholesky_upper(h, config.damp_percent, module_name)
-    del h
 
     group_index = _group_of_processed_column(
         cols, scheme.group_size, perm, dynamic, device
@@ -368,13 +376,23 @@ def _processing_order(h: torch.Tensor, act_order: bool) -> torch.Tensor | None:
     return torch.argsort(h.diagonal(), descending=True, stable=True)
 
 
+def _release(matrix: torch.Tensor) -> None:
+    """Free a working matrix's memory now, even where a caller still holds the tensor (the
+    Hessian it asked us to overwrite)."""
+    matrix.set_(torch.empty(0, device=matrix.device, dtype=matrix.dtype))
+
+
 def _inverse_cholesky_upper(
     h: torch.Tensor, damp_percent: float, module_name: str
 ) -> torch.Tensor:
     """Upper Cholesky factor of H⁻¹, with one host sync to check that it exists."""
+    # at most two (in, in) matrices live at once: each step frees its input
     lower, info = torch.linalg.cholesky_ex(h)
+    _release(h)
     inverse = torch.cholesky_inverse(lower)
+    del lower
     upper, info_inverse = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
     ok = (info == 0) & (info_inverse == 0) & torch.isfinite(upper.diagonal()).all()
     if not bool(ok):
         raise QuantkitError(
