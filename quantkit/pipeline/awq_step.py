@@ -14,7 +14,12 @@ from __future__ import annotations
 from quantkit.models.folding import fold_input_scales
 from quantkit.pipeline.context import LayerContext
 from quantkit.quant.activation_stats import ActivationStats
-from quantkit.quant.awq import AWQConfig, awq_quantize, awq_search_clip_from_stats, awq_search_scales_from_stats
+from quantkit.quant.awq import (
+    AWQConfig,
+    awq_quantize,
+    awq_search_clip_from_stats,
+    awq_search_scales_from_stats,
+)
 from quantkit.quant.weights import weight_out_in
 
 FOLDABLE = ("norm", "linear", "linear_slice")

@@ -40,7 +40,7 @@ def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples:
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values", "use_cache")}
-        captured.append(LayerBatch(hidden.detach().to(storage), kwargs))
+        captured.append(LayerBatch(to_storage(hidden.detach(), storage), kwargs))
         raise _StopForward
 
     restore = _move_outside_layers(model, layers, device)
@@ -55,15 +55,31 @@ def capture_first_layer_inputs(model: nn.Module, layers: nn.ModuleList, samples:
     finally:
         handle.remove()
         restore()
+    _wait_for_copies(device)
     return captured
 
 
 def run_layer(layer: nn.Module, batch: LayerBatch, device: torch.device) -> torch.Tensor:
     """The layer's output hidden states for one batch (on the batch's storage device)."""
     with torch.no_grad():
-        out = layer(batch.hidden.to(device), **batch.kwargs)
+        out = layer(batch.hidden.to(device, non_blocking=True), **batch.kwargs)
     out = out[0] if isinstance(out, (tuple, list)) else out
-    return out.to(batch.hidden.device)
+    return to_storage(out, batch.hidden.device)
+
+
+def to_storage(tensor: torch.Tensor, storage: torch.device) -> torch.Tensor:
+    """``tensor`` on ``storage``. Accelerator activations kept in CPU memory go to pinned pages by
+    an asynchronous copy, so moving them back and forth does not stall the accelerator; read them
+    on the CPU only after ``_wait_for_copies``."""
+    if storage.type != "cpu" or tensor.device.type != "cuda":
+        return tensor.to(storage)
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return pinned.copy_(tensor, non_blocking=True)
+
+
+def _wait_for_copies(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _move_outside_layers(model: nn.Module, layers: nn.ModuleList, device: torch.device):

@@ -77,6 +77,8 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
         method(ctx)
         if batches:
             ctx.advance()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # offloaded outputs are copied asynchronously
             report.output_error = _relative(batches[0].hidden, reference)
         layer.to(home)
         report.seconds = time.perf_counter() - started

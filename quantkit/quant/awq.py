@@ -50,6 +50,7 @@ from quantkit.quant.awq_error import (
     diagonal_blocks,
     gram_blocks,
     output_error,
+    row_chunks,
     scale_blocks,
     subsample_rows,
 )
@@ -60,6 +61,8 @@ from quantkit.quant.scheme import QuantScheme, check_group_size
 # (inputs (tokens, in), each linear's represented weight (out, in)) -> the output to compare.
 OutputFn = Callable[[torch.Tensor, list[torch.Tensor]], torch.Tensor]
 
+# Scores a candidate given as a function from a slice of output rows to those rows as represented.
+Scorer = Callable[[Callable[[slice], torch.Tensor]], torch.Tensor]
 # Relative floor of x̄ and w̄, so dead channels get a small finite scale rather than 0 or inf.
 _FLOOR = 1e-4
 
@@ -144,26 +147,27 @@ def _search_scales(
     weights: Sequence[torch.Tensor],
     scheme: QuantScheme,
     config: AWQConfig,
-    score: Callable[[torch.Tensor], torch.Tensor] | None,
+    score: Scorer | None,
 ) -> tuple[torch.Tensor, dict]:
     check_group_size(stats.in_features, scheme.group_size, "<weight>")
     hessian = stats.gram
     stacked = torch.cat([w.detach().float().to(hessian.device) for w in weights])
     if score is None:
-        elements = stats.tokens * stacked.shape[0]
-        score = lambda represented: output_error(stacked - represented, hessian) / elements
+        score = _gram_scorer(stacked, hessian, stats.tokens)
     represent = _representer(stacked, hessian, scheme, config)
     candidates = _candidates(stats.abs_mean, stacked, scheme, config)
-    errors = torch.stack([score(represent(scales)) for scales in candidates]).tolist()
+    errors = torch.stack([score(lambda rows, s=scales: represent(s, rows)) for scales in candidates]).tolist()
     best = min(range(len(errors)), key=errors.__getitem__)  # ties keep s = 1
-    plain = fake_quantize(stacked, scheme, min_zero=1, fp16_scales=True)
     report = {
         "alpha": 0.0 if best == 0 else config.alphas()[best - 1],
         "scaled": best != 0,
         "error": errors[best],
         "error_unscaled": errors[0],
-        "error_rtn": score(plain).item() if _clips_in_search(config) else errors[0],
+        "error_rtn": errors[0],
     }
+    if _clips_in_search(config):
+        plain = lambda rows: fake_quantize(stacked[rows], scheme, min_zero=1, fp16_scales=True)
+        report["error_rtn"] = score(plain).item()
     return candidates[best].clone(), report
 
 
@@ -232,30 +236,49 @@ def _candidates(
 
 def _representer(
     stacked: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme, config: AWQConfig
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function from scales ``s`` to the weights the layer will represent: ``Q(W·s) / s``."""
+) -> Callable[[torch.Tensor, slice], torch.Tensor]:
+    """A function from scales ``s`` and a slice of output rows to those rows of the weights the
+    layer will represent, ``Q(W·s) / s`` (rows quantize independently)."""
     if not _clips_in_search(config):
-        return lambda scales: fake_quantize(stacked * scales, scheme, min_zero=1, fp16_scales=True) / scales
+        return lambda scales, rows: fake_quantize(stacked[rows] * scales, scheme, min_zero=1, fp16_scales=True) / scales
     blocks = diagonal_blocks(hessian, scheme.group_size)
     ratios = config.clip_ratios().tolist()
 
-    def represent(scales: torch.Tensor) -> torch.Tensor:
-        scaled = stacked * scales
+    def represent(scales: torch.Tensor, rows: slice) -> torch.Tensor:
+        scaled = stacked[rows] * scales
         ranges = search_clip_ranges(scaled, scale_blocks(blocks, scales), scheme, ratios)
         return fake_quantize_clipped(scaled, ranges, scheme) / scales
 
     return represent
 
 
+def _gram_scorer(stacked: torch.Tensor, hessian: torch.Tensor, tokens: int) -> Scorer:
+    """Mean squared output error per element over every token, through ``XᵀX``, a block of
+    output rows at a time so temporaries stay small beside the weight."""
+    chunks = row_chunks(stacked.shape[0], stacked.shape[1])
+    elements = tokens * stacked.shape[0]
+
+    def score(represented: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=stacked.device)
+        for rows in chunks:
+            total += output_error(stacked[rows] - represented(rows), hessian)
+        return total / elements
+
+    return score
+
+
 def _output_fn_scorer(
     x: torch.Tensor, stacked: torch.Tensor, rows: list[int], config: AWQConfig, output_fn: OutputFn
-) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function from represented weights to ``output_fn``'s mean squared error (0-d tensor)."""
+) -> Scorer:
+    """``output_fn``'s mean squared error of the represented weights (0-d tensor)."""
     sample = subsample_rows(x, config.max_tokens)
     reference = output_fn(sample, list(stacked.split(rows))).float()
-    return lambda represented: (
-        (output_fn(sample, list(represented.split(rows))).float() - reference).pow(2).mean()
-    )
+
+    def score(represented: Callable[[slice], torch.Tensor]) -> torch.Tensor:
+        weights = list(represented(slice(None)).split(rows))
+        return (output_fn(sample, weights).float() - reference).pow(2).mean()
+
+    return score
 
 
 def _weight_magnitude(stacked: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -46,6 +46,40 @@ def random_model(layers: int, shape: dict, device: str) -> LlamaForCausalLM:
     return model.eval().requires_grad_(False)
 
 
+def trace_memory_phases() -> dict[str, float]:
+    """Peak GPU memory (GiB) per pipeline phase, by wrapping the functions that run each phase."""
+    import quantkit.pipeline.awq_step as awq_step
+    import quantkit.pipeline.capture as capture
+    import quantkit.pipeline.driver as driver
+    import quantkit.pipeline.gptq_step as gptq_step
+    import quantkit.pipeline.replay as replay
+
+    peaks: dict[str, float] = {}
+
+    def traced(name, fn):
+        def wrapper(*args, **kwargs):
+            torch.cuda.synchronize()
+            outer = torch.cuda.max_memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                peak = torch.cuda.max_memory_allocated()
+                peaks[name] = max(peaks.get(name, 0.0), round(peak / 2**30, 2))
+                # resetting hid the peak before this phase from the pipeline's own figure
+                peaks["_before_phases"] = max(peaks.get("_before_phases", 0.0), round(outer / 2**30, 2))
+        return wrapper
+
+    driver.capture_first_layer_inputs = traced("capture", capture.capture_first_layer_inputs)
+    gptq_step.gptq_quantize = traced("gptq_solve", gptq_step.gptq_quantize)
+    awq_step.awq_search_scales_from_stats = traced("awq_scale_search", awq_step.awq_search_scales_from_stats)
+    awq_step.awq_search_clip_from_stats = traced("awq_clip_search", awq_step.awq_search_clip_from_stats)
+    run = replay.ReplayCache.run
+    replay.ReplayCache.run = lambda self, batches, fn, **kw: traced(
+        "forward_pass" if kw.get("record", True) else "output_pass", run)(self, batches, fn, **kw)
+    return peaks
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--method", default="gptq", choices=["gptq", "awq", "rtn"])
@@ -56,9 +90,11 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--offload-activations", action="store_true", help="keep calibration activations in CPU memory")
     ap.add_argument("--tiny", action="store_true", help="a small shape on the CPU (smoke test of this script)")
+    ap.add_argument("--memory-phases", action="store_true", help="also report the peak GPU memory of each phase")
     args = ap.parse_args()
     shape, device = (TINY, "cpu") if args.tiny else (LLAMA3_8B, "cuda")
 
+    phases = trace_memory_phases() if args.memory_phases and device == "cuda" else None
     t0 = time.perf_counter()
     model = random_model(args.layers, shape, device)
     build_s = time.perf_counter() - t0
@@ -74,6 +110,8 @@ def main() -> None:
     sync()
     seconds = time.perf_counter() - start
     peak = result.peak_device_bytes or 0
+    if phases:
+        peak = max(peak, int(max(phases.values()) * 2**30))
     figures = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__, "method": args.method,
         "scheme": "w4a16 g128", "model": f"{'tiny' if args.tiny else 'Llama-3-8B'} shape, {args.layers} layers, bf16, random",
@@ -83,6 +121,8 @@ def main() -> None:
         "quantized_linears": len(result.quantized),
         "mean_layer_output_error": sum(r.output_error for r in result.layers) / len(result.layers),
     }
+    if phases is not None:
+        figures["peak_gpu_gib_by_phase"] = phases
     print(json.dumps(figures, indent=2))
     if args.json:
         with open(args.json, "w") as f:
