@@ -71,7 +71,7 @@ def quantize(
     recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (see recipes/); replaces the options above.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     device: Annotated[str, typer.Option(help="Device for the working layer: cpu, cuda, cuda:1, ...")] = "cpu",
-    batch_size: Annotated[int, typer.Option(help="Calibration samples per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Calibration samples per forward pass (more: faster on small models, more accelerator memory).")] = 4,
     offload_activations: Annotated[bool, typer.Option(
         help="Keep calibration activations in CPU memory (for models whose activations do not fit the GPU).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,

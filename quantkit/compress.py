@@ -30,7 +30,7 @@ class CompressResult:
 
 
 def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite: bool = False,
-             device: str = "cpu", batch_size: int = 8, offload_activations: bool = False,
+             device: str = "cpu", batch_size: int = 4, offload_activations: bool = False,
              on_start: Callable[[int], None] | None = None,
              on_layer: Callable[[LayerReport], None] | None = None) -> CompressResult:
     """Quantize ``model`` (a bundled name, folder or hub id; None = bundled target) into ``output``.

@@ -39,7 +39,7 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
 
 
 def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, device: str | torch.device = "cpu",
-                   samples: torch.Tensor | None = None, batch_size: int = 8, offload_activations: bool = False,
+                   samples: torch.Tensor | None = None, batch_size: int = 4, offload_activations: bool = False,
                    replay_budget_bytes: int | None = None,
                    on_layer: Callable[[LayerReport], None] | None = None) -> PipelineResult:
     """Apply the recipe's weight step to every decoder layer, one layer at a time.

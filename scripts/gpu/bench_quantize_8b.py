@@ -86,7 +86,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--json", default=None)
     ap.add_argument("--offload-activations", action="store_true", help="keep calibration activations in CPU memory")
     ap.add_argument("--tiny", action="store_true", help="a small shape on the CPU (smoke test of this script)")
