@@ -25,8 +25,10 @@ from quantkit.eval.evaluate import evaluate_pair
 from quantkit.recipe import weight_quant_recipe
 
 SCHEMES = {"W4 g128": ("w4a16", 128), "W3 g128": ("w3a16", 128), "W8 per-channel": ("w8a16", -1)}
-METHODS = {"RTN": ("rtn", {}), "GPTQ": ("gptq", {}), "GPTQ act-order": ("gptq", {"act_order": True}),
-           "AWQ": ("awq", {})}
+# label -> (method, options, symmetric); AWQ is asymmetric by design (its recipe and layout), so
+# RTN asym is its like-for-like baseline
+METHODS = {"RTN": ("rtn", {}, True), "RTN asym": ("rtn", {}, False), "GPTQ": ("gptq", {}, True),
+           "GPTQ act-order": ("gptq", {"act_order": True}, True), "AWQ": ("awq", {}, False)}
 DATASETS = ("wikitext2", "wikipedia-heldout")
 
 
@@ -61,8 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for scheme_label in args.schemes.split(","):
             scheme, group = SCHEMES[scheme_label]
-            for method_label, (method, options) in METHODS.items():
-                symmetric = method != "awq"  # AWQ is asymmetric by design (its recipe and layout)
+            for method_label, (method, options, symmetric) in METHODS.items():
                 row = run(f"{method_label} {scheme_label}", scheme, group, method, options, symmetric, Path(tmp),
                           args.max_windows)
                 rows.append(row)

@@ -1,5 +1,6 @@
 """AWQ GEMM checkpoints: tensors decoded by an independent reader, config fields, load-back, refusals."""
 
+import importlib.util
 import json
 
 import pytest
@@ -249,3 +250,20 @@ def test_mis_shaped_tensors_are_reported(tmp_path):
         QuantkitError, match="'model.layers.0.mlp.up_proj' are missing or mis-shaped"
     ):
         load_awq_model(out)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gptqmodel") is None,
+    reason="transformers' own AWQ loader needs the optional gptqmodel package (AutoAWQ is deprecated)",
+)
+def test_transformers_loads_the_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama(seed=8)
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=False)
+    quantized = quantize_linears(model, scheme, min_zero=0)
+    out = save_awq(model, None, quantized, scheme, tmp_path / "ckpt", algorithm_config={"method": "rtn"})
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float16, device_map="cpu")
+    assert any("awq" in type(module).__name__.lower() for module in loaded.modules())
+    ids = torch.arange(8).reshape(1, 8)
+    assert_logits_match(loaded, model, quantized, ids, rtol=0.05, atol=0.05)
