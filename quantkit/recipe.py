@@ -34,7 +34,7 @@ FORMATS = ("gptq", "awq", "compressed-tensors")
 METHOD_OPTIONS: dict[str, dict[str, type]] = {
     "rtn": {},
     "gptq": {"damp_percent": float, "block_size": int, "act_order": bool, "static_groups": bool,
-             "true_sequential": bool},
+             "true_sequential": bool, "clip_search": bool, "clip_grid": int, "clip_max_shrink": float},
     "awq": {"grid": int, "clip": bool, "clip_grid": int, "clip_max_shrink": float, "max_tokens": int,
             "duo_scaling": bool, "clip_in_scale_search": bool},
 }

@@ -172,7 +172,7 @@ def test_each_code_is_nearest_grid_point_of_updated_column(scheme, config):
 def test_identity_hessian_gives_rtn_exactly(scheme, static_groups):
     weight = random_weight()
     h = torch.eye(IN_FEATURES)
-    qw, _ = gptq_quantize(weight, h, scheme, GPTQConfig(static_groups=static_groups))
+    qw, _ = gptq_quantize(weight, h, scheme, GPTQConfig(static_groups=static_groups, clip_search=False))
     rtn = rtn_quantize(weight, scheme)
     assert torch.equal(qw.codes, rtn.codes)
     assert torch.equal(qw.scales, rtn.scales)
@@ -180,12 +180,51 @@ def test_identity_hessian_gives_rtn_exactly(scheme, static_groups):
     assert torch.equal(qw.g_idx, rtn.g_idx)
 
 
+@pytest.mark.parametrize(
+    "scheme",
+    [QuantScheme(bits=4, group_size=32), QuantScheme(bits=3, group_size=64, symmetric=False),
+     QuantScheme(bits=4, group_size=-1, symmetric=False)],
+)
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_clip_search_with_identity_hessian_never_loses_to_rtn_per_group(scheme, static_groups):
+    # With H = I there is no error feedback: each (row, group) is rounded on its own grid, and
+    # the search keeps the unclipped range (RTN's) unless a shrunk one has less squared error.
+    weight = random_weight() * torch.linspace(0.2, 3.0, IN_FEATURES)  # uneven column ranges
+    config = GPTQConfig(clip_search=True, static_groups=static_groups)
+    qw, _ = gptq_quantize(weight, torch.eye(IN_FEATURES), scheme, config)
+    assert_valid_record(qw, scheme)
+    rtn = rtn_quantize(weight, scheme)
+    size = IN_FEATURES if scheme.group_size == -1 else scheme.group_size
+
+    def group_errors(q):
+        return (weight - q.dequantize()).pow(2).reshape(weight.shape[0], -1, size).sum(-1)
+
+    clipped, plain = group_errors(qw), group_errors(rtn)
+    assert (clipped <= plain * (1 + 1e-5) + 1e-9).all()
+    assert clipped.sum() < 0.95 * plain.sum()  # and the shrunk ranges do win somewhere
+
+
+def test_clip_search_lowers_the_output_error_on_correlated_inputs():
+    x, weight = correlated_inputs(), random_weight()
+    scheme = QuantScheme(bits=3, group_size=32)
+    h = hessian_of(x)
+    plain, _ = gptq_quantize(weight, h, scheme, GPTQConfig(clip_search=False))
+    clipped, _ = gptq_quantize(weight, h, scheme, GPTQConfig(clip_search=True))
+    assert output_error(x, weight, clipped.dequantize()) < output_error(x, weight, plain.dequantize())
+
+
+@pytest.mark.parametrize(("field", "value"), [("clip_grid", 0), ("clip_max_shrink", 1.0), ("clip_search", "yes")])
+def test_bad_clip_options_are_refused(field, value):
+    with pytest.raises(QuantkitError, match=field):
+        GPTQConfig(**{field: value})
+
+
 def test_act_order_with_diagonal_hessian_is_rtn_over_permuted_columns():
     scheme = QuantScheme(bits=4, group_size=32, symmetric=False)
     weight = random_weight()
     h = torch.diag(torch.randperm(IN_FEATURES).float() + 1.0)
     perm = torch.argsort(h.diagonal(), descending=True)
-    qw, _ = gptq_quantize(weight, h, scheme, GPTQConfig(act_order=True))
+    qw, _ = gptq_quantize(weight, h, scheme, GPTQConfig(act_order=True, clip_search=False))
     rtn = rtn_quantize(weight[:, perm], scheme)
     assert torch.equal(qw.codes[:, perm], rtn.codes)
     assert torch.equal(qw.scales, rtn.scales)
@@ -199,7 +238,7 @@ def test_act_order_with_static_groups_keeps_consecutive_groups():
     scheme = QuantScheme(bits=4, group_size=32)
     weight = random_weight()
     h = torch.diag(torch.randperm(IN_FEATURES).float() + 1.0)
-    config = GPTQConfig(act_order=True, static_groups=True)
+    config = GPTQConfig(act_order=True, static_groups=True, clip_search=False)
     qw, _ = gptq_quantize(weight, h, scheme, config)
     rtn = rtn_quantize(weight, scheme)
     assert torch.equal(qw.g_idx, default_g_idx(IN_FEATURES, 32))

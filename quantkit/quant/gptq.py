@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.quant.awq_clip import range_qparams, search_clip_ranges
+from quantkit.quant.awq_error import diagonal_blocks
 from quantkit.quant.qdq import compute_qparams, max_code
 from quantkit.quant.rtn import QuantizedWeight, default_g_idx
 from quantkit.quant.scheme import QuantScheme, check_group_size
@@ -52,6 +54,9 @@ class GPTQConfig:
     block_size: int = 128  # columns per lazy batch update
     act_order: bool = False  # "desc_act": process columns by decreasing diag(H)
     static_groups: bool = False  # group scales fixed up front from the original weight
+    clip_search: bool = True  # shrink each group's range where that lowers its output error (off: the reference GPTQ)
+    clip_grid: int = 20  # shrink ratios evenly spaced from 1.0 down to 1 - clip_max_shrink
+    clip_max_shrink: float = 0.5
 
     def __post_init__(self) -> None:
         damp = self.damp_percent
@@ -69,7 +74,12 @@ class GPTQConfig:
             raise QuantkitError(
                 f"GPTQ block_size must be a positive integer, got {size!r}; 128 is the usual value"
             )
-        for name in ("act_order", "static_groups"):
+        if isinstance(self.clip_grid, bool) or not isinstance(self.clip_grid, int) or self.clip_grid < 1:
+            raise QuantkitError(f"GPTQ clip_grid must be a positive integer, got {self.clip_grid!r}")
+        shrink = self.clip_max_shrink
+        if isinstance(shrink, bool) or not isinstance(shrink, (int, float)) or not 0 <= shrink < 1:
+            raise QuantkitError(f"GPTQ clip_max_shrink must be a number in [0, 1), got {shrink!r}")
+        for name in ("act_order", "static_groups", "clip_search"):
             if not isinstance(getattr(self, name), bool):
                 raise QuantkitError(
                     f"GPTQ {name} must be true or false, got {getattr(self, name)!r}"
@@ -119,7 +129,8 @@ def gptq_quantize(
     w.masked_fill_(dead, 0.0)
 
     dynamic = scheme.group_size != -1 and not config.static_groups
-    params = None if dynamic else _fixed_params(w, scheme)
+    clip = _ClipSearch(config) if config.clip_search else None
+    params = None if dynamic else _fixed_params(w, scheme, clip, h)
     perm = _processing_order(h, config.act_order)
     if perm is None:
         weight_t = w.t().contiguous()
@@ -129,6 +140,8 @@ def gptq_quantize(
         _release(h)
         h = permuted
     del w
+    if clip is not None and dynamic:
+        clip.blocks = diagonal_blocks(h, scheme.group_size)  # groups follow processing order
 
     h.diagonal().add_(config.damp_percent * h.diagonal().mean())
     hinv_upper = _inverse_cholesky_upper(h, config.damp_percent, module_name)
@@ -139,7 +152,7 @@ def gptq_quantize(
     if dynamic:
         params = _empty_params(cols // scheme.group_size, rows, device)
     shifted_codes_t, loss = _quantize_columns(
-        weight_t, hinv_upper, params, group_index, scheme, config.block_size, dynamic
+        weight_t, hinv_upper, params, group_index, scheme, config.block_size, dynamic, clip
     )
 
     return _record(shifted_codes_t, params, group_index, perm, scheme, dynamic), float(
@@ -183,6 +196,7 @@ def _quantize_columns(
     scheme: QuantScheme,
     block_size: int,
     dynamic: bool,
+    clip: _ClipSearch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The GPTQ loop over ``weight_t`` (in, out), updated in place; codes minus zero, Σ err²."""
     cols, rows = weight_t.shape
@@ -194,7 +208,7 @@ def _quantize_columns(
             # a group starts a block, where every earlier update has landed
             group = start // scheme.group_size
             _set_group_params(
-                params, group, weight_t[start : start + scheme.group_size], scheme
+                params, group, weight_t[start : start + scheme.group_size], scheme, clip
             )
         runner = runners.get(end - start)
         if runner is None:
@@ -309,17 +323,34 @@ def _block_bounds(
     return list(zip(ordered, ordered[1:] + [cols]))
 
 
-def _fixed_params(w: torch.Tensor, scheme: QuantScheme) -> _GroupParams:
+def _fixed_params(
+    w: torch.Tensor, scheme: QuantScheme, clip: _ClipSearch | None, h: torch.Tensor
+) -> _GroupParams:
     """Per-channel or static-group parameters from the whole (dead-zeroed) weight, up front."""
-    scales, zeros = compute_qparams(
-        w,
-        scheme.bits,
-        scheme.group_size,
-        scheme.symmetric,
-        min_zero=1,
-        fp16_scales=True,
-    )
+    if clip is not None:
+        scales, zeros = clip.qparams(w, diagonal_blocks(h, scheme.group_size), scheme)
+    else:
+        scales, zeros = compute_qparams(
+            w, scheme.bits, scheme.group_size, scheme.symmetric, min_zero=1, fp16_scales=True
+        )
     return _params_from(scales.t().contiguous(), zeros.t().contiguous(), scheme.bits)
+
+
+class _ClipSearch:
+    """Clipped group ranges for GPTQ: each (row, group) keeps the shrink ratio of its range (1.0
+    included) with the least output error ``d H_g dᵀ`` of that group's columns alone, as AWQ's
+    clipping search does; the columns' later error feedback then works from the clipped grid."""
+
+    def __init__(self, config: GPTQConfig) -> None:
+        self.ratios = torch.linspace(1.0, 1.0 - config.clip_max_shrink, config.clip_grid).tolist()
+        self.blocks: torch.Tensor | None = None  # (n_groups, size, size) in processing order
+
+    def qparams(
+        self, w: torch.Tensor, blocks: torch.Tensor, scheme: QuantScheme
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scales and zeros (out, n_groups) of ``w`` (out, in) on the best clipped ranges."""
+        ranges = search_clip_ranges(w, blocks, scheme, self.ratios)
+        return range_qparams(ranges, scheme)
 
 
 def _params_from(
@@ -341,12 +372,20 @@ def _empty_params(n_groups: int, rows: int, device: torch.device) -> _GroupParam
 
 
 def _set_group_params(
-    params: _GroupParams, group: int, columns_t: torch.Tensor, scheme: QuantScheme
+    params: _GroupParams,
+    group: int,
+    columns_t: torch.Tensor,
+    scheme: QuantScheme,
+    clip: _ClipSearch | None = None,
 ) -> None:
     """Fill one group's parameters from its current weights ``columns_t`` (group_size, out)."""
-    scales, zeros = compute_qparams(
-        columns_t.t(), scheme.bits, -1, scheme.symmetric, min_zero=1, fp16_scales=True
-    )
+    if clip is not None:
+        per_group = QuantScheme(bits=scheme.bits, group_size=-1, symmetric=scheme.symmetric)
+        scales, zeros = clip.qparams(columns_t.t(), clip.blocks[group : group + 1], per_group)
+    else:
+        scales, zeros = compute_qparams(
+            columns_t.t(), scheme.bits, -1, scheme.symmetric, min_zero=1, fp16_scales=True
+        )
     zeros_float = zeros[:, 0].to(torch.float32)
     params.scales[group].copy_(scales[:, 0])
     params.zeros[group].copy_(zeros[:, 0])
