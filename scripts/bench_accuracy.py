@@ -28,7 +28,11 @@ SCHEMES = {"W4 g128": ("w4a16", 128), "W3 g128": ("w3a16", 128), "W8 per-channel
 # label -> (method, options, symmetric); AWQ is asymmetric by design (its recipe and layout), so
 # RTN asym is its like-for-like baseline
 METHODS = {"RTN": ("rtn", {}, True), "RTN asym": ("rtn", {}, False), "GPTQ": ("gptq", {}, True),
-           "GPTQ act-order": ("gptq", {"act_order": True}, True), "AWQ": ("awq", {}, False)}
+           "GPTQ act-order": ("gptq", {"act_order": True}, True), "AWQ": ("awq", {}, False),
+           # the reference algorithm, without quantkit's per-group clip search (an ablation)
+           "GPTQ no-clip": ("gptq", {"clip_search": False}, True),
+           "GPTQ act-order no-clip": ("gptq", {"act_order": True, "clip_search": False}, True)}
+DEFAULT_METHODS = ("RTN", "RTN asym", "GPTQ", "GPTQ act-order", "AWQ")
 DATASETS = ("wikitext2", "wikipedia-heldout")
 
 
@@ -55,6 +59,7 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=64)
     ap.add_argument("--json", default="scripts/results/accuracy_bundled.json")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
+    ap.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     args = ap.parse_args()
     from quantkit.eval.evaluate import evaluate_model
 
@@ -63,7 +68,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for scheme_label in args.schemes.split(","):
             scheme, group = SCHEMES[scheme_label]
-            for method_label, (method, options, symmetric) in METHODS.items():
+            for method_label in args.methods.split(","):
+                method, options, symmetric = METHODS[method_label]
                 row = run(f"{method_label} {scheme_label}", scheme, group, method, options, symmetric, Path(tmp),
                           args.max_windows)
                 rows.append(row)

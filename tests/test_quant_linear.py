@@ -134,3 +134,21 @@ def test_sizes_that_do_not_fill_words_are_refused():
         QuantLinear(64, 48, bits=3, group_size=32, bias=False)
     with pytest.raises(ValueError, match="input size must be a multiple of 8; got 20"):
         QuantLinear(20, 64, bits=4, group_size=-1, bias=False)
+
+
+@pytest.mark.parametrize("layout", ["gptq", "awq", "compressed-tensors"])
+def test_every_layout_unpacks_to_the_weight_it_stores(layout):
+    from quantkit.quant.awq_linear import AwqLinear
+    from quantkit.quant.linear import QuantLinear
+    from quantkit.quant.pack_quantized_linear import PackQuantizedLinear
+    from quantkit.quant.rtn import rtn_quantize
+    from quantkit.quant.scheme import QuantScheme
+
+    cls = {"gptq": QuantLinear, "awq": AwqLinear, "compressed-tensors": PackQuantizedLinear}[layout]
+    scheme = QuantScheme(bits=4, group_size=32, symmetric=False)
+    weight = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    layer = cls.from_quantized(rtn_quantize(weight, scheme, min_zero=1))
+    view = layer.unpacked()
+    rebuilt = view.scales.float()[:, view.g_idx] * (view.codes - view.zeros[:, view.g_idx]).float()
+    assert view.codes.shape == (64, 128) and view.scales.shape == (64, 4) and view.zeros.dtype == torch.int32
+    torch.testing.assert_close(rebuilt, layer.dequantize_weight(), rtol=0, atol=0)

@@ -25,6 +25,7 @@ import torch
 
 from quantkit.quant.dequant_linear import (
     DequantLinear,
+    UnpackedWeight,
     consecutive_groups,
     dequantize_in_out,
     group_count,
@@ -112,6 +113,13 @@ class AwqLinear(DequantLinear):
         zeros = unpack_awq(self.qzeros)  # (n_groups, out)
         groups = consecutive_groups(self.in_features, self.group_size, codes.device)
         return dequantize_in_out(codes, zeros, self.scales, groups.long())
+
+    def unpacked(self) -> UnpackedWeight:
+        codes = unpack_awq(self.qweight)
+        zeros = unpack_awq(self.qzeros)
+        groups = consecutive_groups(self.in_features, self.group_size, codes.device).long()
+        return UnpackedWeight(codes.t().to(torch.int32).contiguous(), self.scales.t().contiguous(),
+                              zeros.t().to(torch.int32).contiguous(), groups, self.bits, self.group_size)
 
 
 def _permute_within_words(values: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:

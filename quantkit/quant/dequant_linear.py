@@ -9,6 +9,7 @@ path ``x @ W.T + b`` that GPU kernels are checked against.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,6 +44,19 @@ def dequantize_in_out(
     """
     shifted = (codes - zeros[groups]).to(torch.float32)
     return (scales[groups].to(torch.float32) * shifted).t()
+
+
+@dataclass(frozen=True)
+class UnpackedWeight:
+    """A layout-independent view of a quantized layer: ``W[o, i] = scales[o, g] * (codes[o, i] -
+    zeros[o, g])`` with ``g = g_idx[i]``; what the runtime repacks for its kernels."""
+
+    codes: torch.Tensor  # (out, in) int32, unsigned
+    scales: torch.Tensor  # (out, n_groups)
+    zeros: torch.Tensor  # (out, n_groups) int32, unsigned
+    g_idx: torch.Tensor  # (in,) int64
+    bits: int
+    group_size: int
 
 
 class DequantLinear(nn.Module):
@@ -82,6 +96,10 @@ class DequantLinear(nn.Module):
 
     def dequantize_weight(self) -> torch.Tensor:
         """The weight (out, in) in float32, unpacked from the buffers."""
+        raise NotImplementedError
+
+    def unpacked(self) -> UnpackedWeight:
+        """Codes, scales, zero points and groups, whatever the layout."""
         raise NotImplementedError
 
     def _init_bias(

@@ -22,6 +22,7 @@ import torch
 
 from quantkit.quant.dequant_linear import (
     DequantLinear,
+    UnpackedWeight,
     consecutive_groups,
     dequantize_in_out,
     group_count,
@@ -87,6 +88,12 @@ class QuantLinear(DequantLinear):
         codes = unpack_rows(self.qweight, self.bits)  # (in, out)
         zeros = unpack_cols(self.qzeros, self.bits) + 1  # GPTQ v1 stores zero - 1
         return dequantize_in_out(codes, zeros, self.scales, self.g_idx.long())
+
+    def unpacked(self) -> UnpackedWeight:
+        codes = unpack_rows(self.qweight, self.bits)
+        zeros = unpack_cols(self.qzeros, self.bits) + 1
+        return UnpackedWeight(codes.t().to(torch.int32).contiguous(), self.scales.t().contiguous(),
+                              zeros.t().to(torch.int32).contiguous(), self.g_idx.long(), self.bits, self.group_size)
 
 
 def check_packable(in_features: int, out_features: int, bits: int) -> None:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from quantkit.quant.dequant_linear import (
     DequantLinear,
+    UnpackedWeight,
     consecutive_groups,
     group_count,
 )
@@ -143,6 +144,11 @@ class PackQuantizedLinear(DequantLinear):
         groups = self._column_groups()
         shifted = (codes - self._zero_points()[:, groups]).to(torch.float32)
         return self.weight_scale[:, groups].to(torch.float32) * shifted
+
+    def unpacked(self) -> UnpackedWeight:
+        codes = unpack_dense(self.weight_packed, self.bits, self.in_features)
+        return UnpackedWeight(codes.to(torch.int32), self.weight_scale, self._zero_points().to(torch.int32),
+                              self._column_groups(), self.bits, self.group_size)
 
     def _zero_points(self) -> torch.Tensor:
         """Unsigned zero points (out, n_groups)."""
