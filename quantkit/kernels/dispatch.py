@@ -1,0 +1,76 @@
+"""The one place that picks a kernel implementation (rule in ``backend``): Triton on CUDA, else the reference.
+
+Each function imports its Triton module only when it runs the Triton path, so this module (and
+quantkit) imports without triton installed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.kernels.attention_reference import paged_attention_reference
+from quantkit.kernels.backend import use_triton
+from quantkit.kernels.kv_write import write_kv_reference
+from quantkit.kernels.packed_weight import PackedWeight, quantized_linear_reference
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store token ``t``'s k, v (T, Hkv, D) in cache slot ``slot_mapping[t]`` (int64; -1 skips)."""
+    if use_triton(k):
+        from quantkit.kernels.kv_write_triton import write_kv_triton
+
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+    else:
+        write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    *,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Causal attention (T, Hq, D) of packed new tokens over the paged cache (see ``attention_reference``).
+
+    Every sequence must have at least one new token; when each has exactly one (T == B) the GPU
+    runs the flash-decoding kernel. ``max_seq_len``: optional upper bound of ``seq_lens``, a
+    tuning hint for that kernel (pass the same value to every call a CUDA graph replays).
+    """
+    if use_triton(q):
+        from quantkit.kernels.attention_triton import paged_attention_triton
+
+        return paged_attention_triton(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            query_start_loc,
+            seq_lens,
+            scale,
+            max_seq_len=max_seq_len,
+        )
+    return paged_attention_reference(
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale
+    )
+
+
+def quantized_linear(
+    x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for x (..., in) with W held as a ``PackedWeight``."""
+    if use_triton(x):
+        from quantkit.kernels.w4a16_triton import quantized_linear_triton
+
+        return quantized_linear_triton(x, packed, bias)
+    return quantized_linear_reference(x, packed, bias)

@@ -1,0 +1,176 @@
+"""``quantized_linear`` on the GPU: pick a kernel by the number of rows of x.
+
+* M <= GEMV_MAX_M (decode): the GEMV kernel, split over K until the GPU is full;
+* M <= DENSE_MIN_M: the tensor-core GEMM kernel with a tile sized for M (split over K when the
+  tiles alone do not fill the GPU);
+* larger M: dequantize the weight to x's dtype and use ``torch.matmul``. The GEMM is
+  compute-bound there, so this costs a 16-bit layer's time plus one pass over the weight (about
+  the time of a 16-bit GEMV), and nothing extra with ``PackedWeight.keep_dense``, which keeps
+  the dequantized weight after the first call.
+
+The thresholds and tiles are starting points from the kernels' shapes; ``scripts/gpu/bench_kernels.py``
+measures them (``--sweep``) and tells where to move them.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from quantkit.kernels.backend import dot_precision
+from quantkit.kernels.packed_weight import PackedWeight, check_linear_input
+from quantkit.kernels.w4a16_dequant_triton import dequantize_triton
+from quantkit.kernels.w4a16_gemm_triton import w4a16_gemm_kernel
+from quantkit.kernels.w4a16_gemv_triton import w4a16_gemv_kernel
+
+GEMV_MAX_M = 4
+DENSE_MIN_M = 257
+# A memory-bound kernel needs several resident programs per multiprocessor to keep enough loads in
+# flight; split-K supplies them when the output tiles alone are too few.
+PROGRAMS_PER_SM = 4
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """One launch choice: ``kernel`` is ``gemv``, ``gemm`` or ``dense``; split_k None = automatic."""
+
+    kernel: str
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def choose_config(m: int) -> GemmConfig:
+    """The default launch for m rows of x."""
+    if m <= GEMV_MAX_M:
+        return GemmConfig("gemv", block_m=1, block_n=64, block_k=128)
+    if m <= 16:
+        return GemmConfig("gemm", block_m=16, block_n=64, block_k=128, num_stages=3)
+    if m <= 64:
+        return GemmConfig("gemm", block_m=32, block_n=128, block_k=64, num_stages=3)
+    if m < DENSE_MIN_M:
+        return GemmConfig(
+            "gemm", block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3
+        )
+    return GemmConfig("dense")
+
+
+def quantized_linear_triton(
+    x: torch.Tensor,
+    packed: PackedWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for x (..., in) float16/bfloat16 (float32 works, slower); no host sync."""
+    check_linear_input(x, packed)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, packed.in_features)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    config = config or choose_config(m)
+    if m == 0:
+        y = x2.new_empty(0, packed.out_features)
+    elif config.kernel == "dense":
+        y = _dense_matmul(x2, packed, bias)
+    else:
+        y = _fused(x2, packed, bias, config)
+    return y.reshape(*lead, packed.out_features)
+
+
+def _fused(
+    x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None, config: GemmConfig
+) -> torch.Tensor:
+    m, k = x.shape
+    n = packed.out_features
+    rows = m if config.kernel == "gemv" else triton.cdiv(m, config.block_m)
+    tiles = rows * triton.cdiv(n, config.block_n)
+    split_k, k_per_split = _split_k(tiles, k, config, x.device)
+    if split_k == 1:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
+    common = {
+        "BITS": packed.bits,
+        "PACK": packed.pack,
+        "GROUP_SIZE": packed.group_size,
+        "BLOCK_N": config.block_n,
+        "BLOCK_K": config.block_k,
+        "SPLIT_K": split_k,
+        "HAS_PERM": packed.perm is not None,
+        "HAS_BIAS": bias is not None,
+        "num_warps": config.num_warps,
+        "num_stages": config.num_stages,
+    }
+    # a kernel never reads the perm or bias pointer it is told it lacks: any tensor fills the slot
+    perm = packed.perm if packed.perm is not None else packed.qweight
+    bias_arg = bias if bias is not None else packed.scales
+    args = (x, packed.qweight, packed.scales, packed.zeros, perm, bias_arg, out)
+    grid = (rows, triton.cdiv(n, config.block_n), split_k)
+    if config.kernel == "gemv":
+        w4a16_gemv_kernel[grid](
+            *args, n, k, x.stride(0), out.stride(0), k_per_split, **common
+        )
+    elif config.kernel == "gemm":
+        w4a16_gemm_kernel[grid](
+            *args,
+            m,
+            n,
+            k,
+            x.stride(0),
+            out.stride(0),
+            k_per_split,
+            BLOCK_M=config.block_m,
+            DOT_PRECISION=dot_precision(x.dtype),
+            **common,
+        )
+    else:
+        raise ValueError(f"unknown kernel {config.kernel!r} (gemv, gemm or dense)")
+    if split_k == 1:
+        return out
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
+def _split_k(
+    tiles: int, k: int, config: GemmConfig, device: torch.device
+) -> tuple[int, int]:
+    """(split_k, k_per_split): about PROGRAMS_PER_SM programs per multiprocessor, 4+ K tiles each."""
+    k_tiles = triton.cdiv(k, config.block_k)
+    split_k = config.split_k
+    if split_k is None:
+        wanted = PROGRAMS_PER_SM * _multiprocessors(device)
+        split_k = max(1, min(triton.cdiv(wanted, tiles), k_tiles // 4))
+    tiles_per_split = triton.cdiv(k_tiles, max(1, min(split_k, k_tiles)))
+    split_k = triton.cdiv(k_tiles, tiles_per_split)
+    return split_k, tiles_per_split * config.block_k
+
+
+def _dense_matmul(
+    x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None
+) -> torch.Tensor:
+    weight_t = packed.cached_dense(
+        ("triton", x.dtype), lambda: dequantize_triton(packed, x.dtype)
+    )
+    if packed.perm is not None:
+        x = x.index_select(1, packed.perm)
+    if bias is None:
+        return x @ weight_t
+    return torch.addmm(bias.to(x.dtype), x, weight_t)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return _cuda_multiprocessors(device.index or 0) if device.type == "cuda" else 4
+
+
+@functools.cache
+def _cuda_multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
