@@ -293,9 +293,7 @@ def sweep_decode(batches: list[int], contexts: list[int], shape: dict, device: s
         def attend(q, k, v, table, seq_lens, scale, max_len, _n=block_n, _w=warps):
             return paged_decode_triton(q, k, v, table, seq_lens, scale, max_seq_len=max_len, block_n=_n, num_warps=_w)
 
-        for row in run_decode(
-            batches, contexts, shape, device, 1.0, attend, f"{block_n} keys {warps} warps"
-        ):
+        for row in run_decode(batches, contexts, shape, device, 1.0, attend, f"{block_n} keys {warps} warps"):
             results.append(
                 {
                     "block_n": block_n,
@@ -404,6 +402,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the figures to this path")
     ap.add_argument("--sweep", action="store_true", help="also time alternative kernel tiles")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, reference path")
+    ap.add_argument("--linears", default=None, help=f"comma-separated subset of {','.join(LLAMA3_8B_LINEARS)}")
     ap.add_argument("--skip-linear", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
     args = ap.parse_args()
@@ -417,6 +416,11 @@ def main() -> None:
         batches, contexts = DECODE_BATCHES, DECODE_CONTEXTS
     else:
         raise SystemExit("no CUDA device: run with --dry-run for the CPU smoke test")
+    if args.linears and not args.dry_run:
+        unknown = set(args.linears.split(",")) - set(LLAMA3_8B_LINEARS)
+        if unknown:
+            raise SystemExit(f"unknown linears {sorted(unknown)}; choose from {', '.join(LLAMA3_8B_LINEARS)}")
+        linears = {name: LLAMA3_8B_LINEARS[name] for name in args.linears.split(",")}
 
     figures = {
         **environment(device),
