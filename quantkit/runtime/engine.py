@@ -1,0 +1,187 @@
+"""The engine: requests in, tokens out, one scheduled step at a time.
+
+``add_request`` queues a prompt with its ``SamplingParams``; each ``step`` schedules (continuous
+batching, chunked prefill, prefix caching, preemption), runs the model once, samples, detects
+stop strings and returns the updated requests. ``generate`` runs a list of prompts to the end.
+The server and the benchmarks talk only to this class.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.runtime.block_manager import BlockManager
+from quantkit.runtime.model_runner import ModelRunner, plan_num_blocks
+from quantkit.runtime.outputs import CompletionOutput, RequestOutput
+from quantkit.runtime.paged_llama import PagedLlama
+from quantkit.runtime.sampler import Sampler
+from quantkit.runtime.sampling_params import SamplingParams
+from quantkit.runtime.scheduler import Scheduler
+from quantkit.runtime.sequence import Sequence
+from quantkit.runtime.stop_strings import StopChecker
+
+
+class Engine:
+    def __init__(self, model: str | None = None, *, device: str = "cpu", dtype: str = "auto", block_size: int = 16,
+                 kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
+                 enable_prefix_caching: bool = True) -> None:
+        from quantkit.models.loading import load_model
+
+        loaded = load_model(model, dtype=dtype, device="cpu")
+        torch_device = torch.device(device)
+        compute_dtype = loaded.model.dtype if torch_device.type == "cuda" else torch.float32
+        self.model = PagedLlama(loaded.model, torch_device, compute_dtype)
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = loaded.model.config.max_position_embeddings
+        num_blocks = plan_num_blocks(self.model, block_size, kv_cache_tokens=kv_cache_tokens,
+                                     gpu_memory_utilization=gpu_memory_utilization)
+        self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        eos = loaded.model.generation_config.eos_token_id if loaded.model.generation_config else None
+        eos = eos if eos is not None else loaded.model.config.eos_token_id
+        self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs,
+                                   min(self.max_model_len, num_blocks * block_size), eos)
+        self.runner = ModelRunner(self.model, self.block_manager)
+        self.sampler = Sampler()
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+        self._requests: dict[str, _Request] = {}
+        del loaded
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = (params or SamplingParams()).validate(self.max_model_len)
+        ids = self._encode(prompt)
+        if not ids:
+            raise QuantkitError("the prompt is empty")
+        request_id = request_id or f"req-{next(self._request_ids)}"
+        if request_id in self._requests:
+            raise QuantkitError(f"request id '{request_id}' is already in use")
+        seq = Sequence(next(self._seq_ids), request_id, ids, params)
+        self.scheduler.add(seq)  # refuses prompts longer than the context
+        self._requests[request_id] = _Request(request_id, ids, params, [seq], self.tokenizer, seq.arrival_time)
+        return request_id
+
+    def abort(self, request_id: str) -> None:
+        request = self._requests.pop(request_id, None)
+        if request is not None:
+            self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        logits = self.runner.run(out)
+        now = time.perf_counter()
+        new_tokens: dict[int, list[int]] = {}
+        sampling = [s.seq for s in out.scheduled if s.seq.seq_id in logits]
+        sampling += self._fork_parallel_samples(sampling, logits)
+        if sampling:
+            rows = torch.cat([logits[seq.seq_id][-1:] for seq in sampling])
+            tokens, logprobs = self.sampler.sample(rows, [seq.params for seq in sampling],
+                                                   [self._requests[seq.request_id].generator(seq, rows.device) for seq in sampling])
+            for seq, token, logprob in zip(sampling, tokens.tolist(), logprobs.tolist()):
+                new_tokens[seq.seq_id] = [token]
+                if seq.params.wants_logprobs:
+                    seq.output_logprobs.append(logprob)
+        self.scheduler.update(new_tokens)
+        return self._collect(sampling, now)
+
+    def _fork_parallel_samples(self, sampling: list[Sequence], logits: dict[int, torch.Tensor]) -> list[Sequence]:
+        """Children for ``n > 1``, forked when the parent's prompt is done: they share its KV blocks
+        (copy-on-write) and draw their first token from the same logits with their own seeds."""
+        children = []
+        for seq in sampling:
+            request = self._requests[seq.request_id]
+            if seq.params.n > 1 and seq.num_output_tokens == 0 and len(request.seqs) == 1:
+                for index in range(1, seq.params.n):
+                    child = self.scheduler.fork(seq, next(self._seq_ids), sample_index=index)
+                    request.seqs.append(child)
+                    children.append(child)
+                    logits[child.seq_id] = logits[seq.seq_id]
+        return children
+
+    def _collect(self, sampled: list[Sequence], now: float) -> list[RequestOutput]:
+        touched = {seq.request_id for seq in sampled}
+        outputs = []
+        for request_id in touched:
+            request = self._requests.get(request_id)
+            if request is None:
+                continue
+            request.record_step(now)
+            for seq in request.seqs:
+                if not seq.is_finished:
+                    reason = request.stop_checker(seq).check(seq.output_token_ids)
+                    if reason is not None:
+                        self.scheduler.finish(seq, reason)
+            output = request.output(now)
+            outputs.append(output)
+            if output.finished:
+                del self._requests[request_id]
+        return outputs
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in prompt order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for output in self.step():
+                if output.finished:
+                    final[output.request_id] = output
+        return [final[i] for i in ids]
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise QuantkitError("this checkpoint has no tokenizer: give token ids")
+            return self.tokenizer.encode(prompt, add_special_tokens=False)
+        return [int(t) for t in prompt]
+
+
+class _Request:
+    def __init__(self, request_id, prompt_ids, params, seqs, tokenizer, arrival) -> None:
+        self.request_id, self.prompt_ids, self.params, self.seqs = request_id, prompt_ids, params, seqs
+        self.tokenizer = tokenizer
+        self.arrival = arrival
+        self.first_token_time: float | None = None
+        self.token_times: list[float] = []
+        self._generators: dict[int, torch.Generator | None] = {}
+        self._stops: dict[int, StopChecker] = {}
+
+    def generator(self, seq: Sequence, device: torch.device) -> torch.Generator | None:
+        if seq.seq_id not in self._generators:
+            self._generators[seq.seq_id] = self.params.make_generator(device, seq.sample_index)
+        return self._generators[seq.seq_id]
+
+    def stop_checker(self, seq: Sequence) -> StopChecker:
+        if seq.seq_id not in self._stops:
+            self._stops[seq.seq_id] = StopChecker(self.tokenizer, self.params.stop)
+        return self._stops[seq.seq_id]
+
+    def record_step(self, now: float) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = now
+        self.token_times.append(now)
+
+    def output(self, now: float) -> RequestOutput:
+        completions = []
+        for seq in sorted(self.seqs, key=lambda s: s.sample_index):
+            checker = self.stop_checker(seq)
+            tokens = seq.output_token_ids[: checker.keep_tokens] if checker.keep_tokens is not None \
+                else list(seq.output_token_ids)
+            completions.append(CompletionOutput(seq.sample_index, tokens, checker.text(tokens), seq.finish_reason,
+                                                list(seq.output_logprobs) if self.params.wants_logprobs else None))
+        finished = all(seq.is_finished for seq in self.seqs) and len(self.seqs) == self.params.n
+        return RequestOutput(self.request_id, self.prompt_ids, completions, finished, self.arrival,
+                             self.first_token_time, list(self.token_times), now if finished else None)

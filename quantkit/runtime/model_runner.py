@@ -1,0 +1,78 @@
+"""Runs one scheduled step: copies shared blocks, packs the flat batch, runs the model.
+
+It owns the paged KV cache (one pool of blocks per layer, sized from ``--kv-cache-tokens`` on
+the CPU or from free accelerator memory and ``gpu_memory_utilization``) and returns, for each
+sequence that samples in this step, the logits of its last ``1 + num_lookahead`` positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.errors import QuantkitError
+from quantkit.runtime.block_manager import BlockManager
+from quantkit.runtime.forward_batch import build_forward_batch
+from quantkit.runtime.paged_llama import PagedLlama
+from quantkit.runtime.scheduler import SchedulerOutput
+
+
+def plan_num_blocks(model: PagedLlama, block_size: int, *, kv_cache_tokens: int | None,
+                    gpu_memory_utilization: float) -> int:
+    """KV blocks to allocate: from a token count, or from free accelerator memory."""
+    if kv_cache_tokens is not None:
+        if kv_cache_tokens < block_size:
+            raise QuantkitError(f"--kv-cache-tokens must be at least the block size ({block_size}), "
+                                f"got {kv_cache_tokens}")
+        return kv_cache_tokens // block_size
+    if model.device.type != "cuda":
+        return max(1, 65536 // block_size)  # CPU default: 64k tokens
+    if not 0 < gpu_memory_utilization <= 1:
+        raise QuantkitError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+    free, total = torch.cuda.mem_get_info(model.device)
+    budget = free - (1 - gpu_memory_utilization) * total
+    blocks = int(budget // (model.kv_bytes_per_token() * block_size))
+    if blocks < 1:
+        raise QuantkitError("no accelerator memory left for the KV cache; lower the model size or raise "
+                            "--gpu-memory-utilization")
+    return blocks
+
+
+class ModelRunner:
+    def __init__(self, model: PagedLlama, block_manager: BlockManager) -> None:
+        self.model = model
+        self.block_manager = block_manager
+        self.kv_cache = model.new_kv_cache(block_manager.num_blocks, block_manager.block_size)
+
+    def run(self, out: SchedulerOutput, drafts: dict[int, list[int]] | None = None) -> dict[int, torch.Tensor]:
+        """Logits (num_logits, vocab) per sampling sequence id; ``drafts`` are the draft tokens
+        appended to each decode with ``num_lookahead > 0``."""
+        self._copy_blocks(out.block_copies)
+        drafts = drafts or {}
+        token_ids, starts, slots, tables, logits_per_seq = [], [], [], [], []
+        for sched in out.scheduled:
+            seq, n = sched.seq, sched.num_new_tokens
+            real = n - sched.num_lookahead
+            ids = seq.token_ids_between(sched.start_position, sched.start_position + real)
+            ids += drafts.get(seq.seq_id, [])[: sched.num_lookahead]
+            token_ids.append(ids)
+            starts.append(sched.start_position)
+            slots.append(self.block_manager.slots_for(seq, sched.start_position, n))
+            tables.append(seq.block_table)
+            logits_per_seq.append(sched.num_logits)
+        batch = build_forward_batch(token_ids, starts, slots, tables, logits_per_seq, self.model.device)
+        logits = self.model.forward(batch, self.kv_cache)
+        result, row = {}, 0
+        for sched, count in zip(out.scheduled, logits_per_seq):
+            if count:
+                result[sched.seq.seq_id] = logits[row:row + count]
+                row += count
+        return result
+
+    def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.model.device)
+        dst = torch.tensor([d for _, d in copies], device=self.model.device)
+        for k_cache, v_cache in self.kv_cache:
+            k_cache[dst] = k_cache[src]
+            v_cache[dst] = v_cache[src]

@@ -1,0 +1,142 @@
+"""The Llama family's forward pass (Llama, Mistral, Qwen2, Qwen3) written against the paged KV cache.
+
+Weights, norms and rotary tables come from the transformers model that quantkit's loader built
+(``quantkit.models.loading.load_model``), so every checkpoint layout quantkit reads runs here.
+Norms, the rotary-embedding tables and the MLP activation are the model's own modules (exactly
+transformers' arithmetic, rope scaling included); the linears become ``RuntimeLinear`` (dense or
+packed quantized, q/k/v and gate/up fused where formats agree); attention goes through
+``quantkit.kernels`` (K/V written to their slots, then paged attention over the cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantkit.errors import QuantkitError
+from quantkit.kernels import paged_attention, write_kv
+from quantkit.runtime.forward_batch import ForwardBatch
+from quantkit.runtime.runtime_linear import RuntimeLinear, runtime_linears, split_linears
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@dataclass
+class _Layer:
+    input_norm: nn.Module
+    post_norm: nn.Module
+    qkv: list[RuntimeLinear]  # one fused linear, or q, k, v
+    o: RuntimeLinear
+    gate_up: list[RuntimeLinear]  # one fused linear, or gate, up
+    down: RuntimeLinear
+    act: nn.Module
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+
+
+class PagedLlama:
+    def __init__(self, model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        config = model.config
+        if config.model_type not in SUPPORTED_MODEL_TYPES:
+            raise QuantkitError(
+                f"the runtime runs the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                f"this checkpoint is '{config.model_type}'"
+            )
+        self.config, self.device, self.dtype = config, device, dtype
+        inner = model.model
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.num_layers = len(inner.layers)
+        self.scale = inner.layers[0].self_attn.scaling
+        self.embed = inner.embed_tokens.weight.detach().to(device, dtype)
+        self.rotary = inner.rotary_emb.to(device)
+        self.final_norm = inner.norm.to(device, dtype)
+        self.layers = [self._layer(layer) for layer in inner.layers]
+        self.lm_head = runtime_linears([model.lm_head], dtype, device)
+
+    def _layer(self, layer: nn.Module) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        q_norm = getattr(attn, "q_norm", None)
+        k_norm = getattr(attn, "k_norm", None)
+        return _Layer(
+            input_norm=layer.input_layernorm.to(self.device, self.dtype),
+            post_norm=layer.post_attention_layernorm.to(self.device, self.dtype),
+            qkv=_fused_or_split([attn.q_proj, attn.k_proj, attn.v_proj], self.dtype, self.device),
+            o=runtime_linears([attn.o_proj], self.dtype, self.device),
+            gate_up=_fused_or_split([mlp.gate_proj, mlp.up_proj], self.dtype, self.device),
+            down=runtime_linears([mlp.down_proj], self.dtype, self.device),
+            act=mlp.act_fn,
+            q_norm=None if q_norm is None else q_norm.to(self.device, self.dtype),
+            k_norm=None if k_norm is None else k_norm.to(self.device, self.dtype),
+        )
+
+    def new_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Logits (N, vocab) float32 of the rows ``batch.logits_indices``."""
+        hidden = self.embed[batch.input_ids]
+        cos, sin = self.rotary(hidden, batch.positions.unsqueeze(0))
+        cos, sin = cos[0].unsqueeze(1).to(self.dtype), sin[0].unsqueeze(1).to(self.dtype)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
+            hidden = hidden + self._attention(layer, layer.input_norm(hidden), cos, sin, batch, k_cache, v_cache)
+            hidden = hidden + self._mlp(layer, layer.post_norm(hidden))
+        last = self.final_norm(hidden[batch.logits_indices])
+        return self.lm_head(last).float()
+
+    def _attention(self, layer: _Layer, x, cos, sin, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor:
+        tokens = x.shape[0]
+        q, k, v = _split(_apply(layer.qkv, x), [self.num_heads * self.head_dim,
+                                               self.num_kv_heads * self.head_dim,
+                                               self.num_kv_heads * self.head_dim])
+        q = q.view(tokens, self.num_heads, self.head_dim)
+        k = k.view(tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(tokens, self.num_kv_heads, self.head_dim)
+        if layer.q_norm is not None:
+            q, k = layer.q_norm(q), layer.k_norm(k)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc, batch.seq_lens,
+                              self.scale, max_seq_len=batch.max_seq_len)
+        return layer.o(out.reshape(tokens, self.num_heads * self.head_dim))
+
+    def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
+        gate, up = _gate_up(layer, x)
+        return layer.down(layer.act(gate) * up)
+
+
+def _gate_up(layer: _Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(layer.gate_up) == 2:
+        return layer.gate_up[0](x), layer.gate_up[1](x)
+    fused = layer.gate_up[0](x)
+    return fused.chunk(2, dim=-1)
+
+
+def _fused_or_split(modules: list[nn.Module], dtype: torch.dtype, device: torch.device) -> list[RuntimeLinear]:
+    try:
+        return [runtime_linears(modules, dtype, device)]
+    except ValueError:
+        return split_linears(modules, dtype, device)
+
+
+def _apply(linears: list[RuntimeLinear], x: torch.Tensor) -> torch.Tensor:
+    return linears[0](x) if len(linears) == 1 else torch.cat([linear(x) for linear in linears], dim=-1)
+
+
+def _split(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    return list(x.split(sizes, dim=-1))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
