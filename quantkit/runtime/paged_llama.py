@@ -18,7 +18,11 @@ from torch import nn
 from quantkit.errors import QuantkitError
 from quantkit.kernels import paged_attention, write_kv
 from quantkit.runtime.forward_batch import ForwardBatch
-from quantkit.runtime.runtime_linear import RuntimeLinear, runtime_linears, split_linears
+from quantkit.runtime.runtime_linear import (
+    RuntimeLinear,
+    runtime_linears,
+    split_linears,
+)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 

@@ -12,7 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantkit.kernels import PackedWeight, act_order_perm, pack_quantized_weight, quantized_linear
+from quantkit.kernels import (
+    PackedWeight,
+    act_order_perm,
+    pack_quantized_weight,
+    quantized_linear,
+)
 from quantkit.quant.dequant_linear import DequantLinear, UnpackedWeight
 
 
