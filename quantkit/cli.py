@@ -146,9 +146,17 @@ def evaluate(
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON on stdout.")] = False,
     output_json: Annotated[Optional[Path], typer.Option("--output-json", help="Also write the JSON here.")] = None,
+    latency: Annotated[bool, typer.Option(
+        "--latency", help="Measure single-request latency on the runtime (TTFT, TPOT, end to end) instead of perplexity.")] = False,
+    input_len: Annotated[int, typer.Option(help="--latency: prompt tokens (random ids).")] = 128,
+    output_len: Annotated[int, typer.Option(help="--latency: output tokens per request.")] = 128,
+    repetitions: Annotated[int, typer.Option(help="--latency: timed requests (median and p99 over them).")] = 10,
 ) -> None:
     """Perplexity, parameter count and size of a model; beside a baseline, also the share of
-    positions where both predict the same next token and the mean KL divergence between them."""
+    positions where both predict the same next token and the mean KL divergence between them.
+    With --latency: time to first token, time per output token and end-to-end time of single requests."""
+    if latency:
+        return _eval_latency(model, baseline, input_len, output_len, repetitions, device, dtype, as_json, output_json)
     from quantkit.eval.evaluate import evaluate_model, evaluate_pair
     from quantkit.eval.report import render_eval_table, results_to_json
 
@@ -166,6 +174,74 @@ def evaluate(
         typer.echo(json.dumps(payload, indent=2))
     else:
         render_eval_table([result], baseline=base, console=Console())
+
+
+def _eval_latency(model, baseline, input_len, output_len, repetitions, device, dtype, as_json, output_json) -> None:
+    from quantkit.eval.bench_report import render_latency, to_json, write_json
+    from quantkit.eval.latency import LatencyConfig, run_latency_pair
+
+    config = LatencyConfig(input_len=input_len, output_len=output_len, repetitions=repetitions).check()
+    payload = run_latency_pair(model, baseline, config, device=device, dtype=dtype, progress=not as_json)
+    if output_json is not None:
+        write_json(payload, output_json)
+    if as_json:
+        typer.echo(to_json(payload), nl=False)
+    else:
+        render_latency(payload, payload["baseline"], payload["speedup"], console=Console())
+
+
+@app.command()
+def bench(
+    model: ModelArg = None,
+    num_requests: Annotated[int, typer.Option(help="Requests in the workload.")] = 64,
+    input_len_range: Annotated[str, typer.Option(help="Prompt lengths MIN,MAX in tokens (uniform).")] = "100,512",
+    output_len_range: Annotated[str, typer.Option(help="Output lengths MIN,MAX in tokens (uniform).")] = "100,512",
+    seed: Annotated[int, typer.Option(help="Seed of the workload's lengths, arrivals and prompts.")] = 0,
+    text_file: Annotated[Optional[Path], typer.Option(help="Cut prompts from this text file's tokens instead of random ids.")] = None,
+    request_rate: Annotated[float, typer.Option(help="Poisson arrivals in requests/s; inf: all at once.")] = float("inf"),
+    max_concurrency: Annotated[Optional[int], typer.Option(help="Most requests in the engine at a time.")] = None,
+    concurrency: Annotated[Optional[str], typer.Option(help="Sweep of max concurrency values, e.g. 1,4,16,64 (for --plot).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.")] = "auto",
+    kv_cache_tokens: Annotated[Optional[int], typer.Option(help="KV cache size in tokens (default: from free accelerator memory; 65536 on the CPU).")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Share of accelerator memory the engine may use.")] = 0.9,
+    max_num_seqs: Annotated[int, typer.Option(help="Most sequences per engine step.")] = 256,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget of one engine step.")] = 2048,
+    baseline: Annotated[bool, typer.Option("--baseline", help="Also run the workload through transformers' generate (static batches).")] = False,
+    baseline_batch_size: Annotated[int, typer.Option(help="--baseline: requests per static batch.")] = 8,
+    baseline_requests: Annotated[Optional[int], typer.Option(help="--baseline: run only the first N requests (default: all).")] = None,
+    draft: Annotated[Optional[str], typer.Option(help="Draft model for speculative decoding (if the engine supports it).")] = None,
+    num_speculative_tokens: Annotated[Optional[int], typer.Option(help="--draft: tokens proposed per step.")] = None,
+    json_path: Annotated[Optional[str], typer.Option("--json", help="Write the results as JSON to this file ('-': stdout).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of throughput against concurrency (needs matplotlib).")] = None,
+) -> None:
+    """Offline throughput of the runtime on a seeded workload: requests/s, tokens/s, TTFT, TPOT,
+    end-to-end latency, peak memory, KV-cache use and the bandwidth limit; with --baseline, the
+    same workload through transformers and the ratio, measured in the same run."""
+    from quantkit.eval import bench_report
+    from quantkit.eval.throughput import BenchConfig, EngineOptions, parse_concurrency, parse_len_range, run_bench
+
+    config = BenchConfig(
+        num_requests=num_requests, input_len_range=parse_len_range(input_len_range, "--input-len-range"),
+        output_len_range=parse_len_range(output_len_range, "--output-len-range"), seed=seed, text_file=text_file,
+        request_rate=request_rate, max_concurrency=max_concurrency,
+        concurrency=None if concurrency is None else parse_concurrency(concurrency), baseline=baseline,
+        baseline_batch_size=baseline_batch_size, baseline_requests=baseline_requests).check()
+    if plot is not None:
+        bench_report.check_plot_available()
+    options = EngineOptions(device=device, dtype=dtype, kv_cache_tokens=kv_cache_tokens,
+                            gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens, draft=draft,
+                            num_speculative_tokens=num_speculative_tokens)
+    payload = run_bench(model, config, options, progress=json_path != "-")
+    if plot is not None:
+        bench_report.plot_concurrency(payload, plot)
+    if json_path == "-":
+        typer.echo(bench_report.to_json(payload), nl=False)
+        return
+    if json_path is not None:
+        bench_report.write_json(payload, json_path)
+    bench_report.render_bench(payload, console=Console())
 
 
 def main() -> None:

@@ -4,6 +4,11 @@
 batching, chunked prefill, prefix caching, preemption), runs the model once, samples, detects
 stop strings and returns the updated requests. ``generate`` runs a list of prompts to the end.
 The server and the benchmarks talk only to this class.
+
+Speculative decoding (``draft=`` a small model with the same tokenizer, or
+``speculative_method="ngram"``) proposes up to ``num_speculative_tokens`` drafts per decoding
+sequence, verifies them in the same forward pass as everything else and emits the accepted ones
+plus one; see ``quantkit.runtime.spec``. Counters are in ``spec_metrics``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ from quantkit.runtime.paged_llama import PagedLlama
 from quantkit.runtime.sampler import Sampler
 from quantkit.runtime.sampling_params import SamplingParams
 from quantkit.runtime.scheduler import Scheduler
-from quantkit.runtime.sequence import Sequence
+from quantkit.runtime.sequence import FINISH_STATUS, Sequence
+from quantkit.runtime.spec.metrics import SpecMetrics
+from quantkit.runtime.spec.setup import SpecOptions, build_speculator, load_draft, target_share_of_blocks, weight_bytes
+from quantkit.runtime.spec.verifier import Verified
 from quantkit.runtime.stop_strings import StopChecker
 
 
@@ -29,17 +37,28 @@ class Engine:
     def __init__(self, model: str | None = None, *, device: str = "cpu", dtype: str = "auto", block_size: int = 16,
                  kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, draft: str | None = None, num_speculative_tokens: int = 4,
+                 speculative_method: str | None = None, ngram_min: int = 1, ngram_max: int = 3,
+                 spec_max_batch: int = 32, adaptive_speculation: bool = True) -> None:
         from quantkit.models.loading import load_model
 
+        spec = SpecOptions(speculative_method, draft, num_speculative_tokens, ngram_min, ngram_max,
+                           spec_max_batch, adaptive_speculation)
+        method = spec.resolved_method()
         loaded = load_model(model, dtype=dtype, device="cpu")
         torch_device = torch.device(device)
         compute_dtype = loaded.model.dtype if torch_device.type == "cuda" else torch.float32
         self.model = PagedLlama(loaded.model, torch_device, compute_dtype)
         self.tokenizer = loaded.tokenizer
         self.max_model_len = loaded.model.config.max_position_embeddings
+        draft_model = load_draft(draft, dtype=dtype, device=torch_device, target_vocab=loaded.model.config.vocab_size) \
+            if method == "draft" else None
+        if draft_model is not None:
+            self.max_model_len = min(self.max_model_len, draft_model.max_model_len)
         num_blocks = plan_num_blocks(self.model, block_size, kv_cache_tokens=kv_cache_tokens,
                                      gpu_memory_utilization=gpu_memory_utilization)
+        if draft_model is not None and kv_cache_tokens is None:
+            num_blocks = target_share_of_blocks(num_blocks, self.model, draft_model.model)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         eos = loaded.model.generation_config.eos_token_id if loaded.model.generation_config else None
         eos = eos if eos is not None else loaded.model.config.eos_token_id
@@ -50,6 +69,8 @@ class Engine:
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._requests: dict[str, _Request] = {}
+        self.speculator = build_speculator(spec, draft_model, target_bytes=weight_bytes(loaded.model),
+                                           num_blocks=num_blocks, block_size=block_size)
         del loaded
 
     # ------------------------------------------------------------------ requests
@@ -70,13 +91,22 @@ class Engine:
     def abort(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
         if request is not None:
-            self.scheduler.abort(request_id)
+            seqs = self.scheduler.abort(request_id)
+            if self.speculator is not None:
+                self.speculator.release(seqs)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished
 
+    @property
+    def spec_metrics(self) -> SpecMetrics | None:
+        """Speculative decoding's counters (None when the engine does not speculate)."""
+        return None if self.speculator is None else self.speculator.metrics
+
     # ------------------------------------------------------------------ stepping
     def step(self) -> list[RequestOutput]:
+        if self.speculator is not None:
+            return self._speculative_step()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -95,6 +125,47 @@ class Engine:
                     seq.output_logprobs.append(logprob)
         self.scheduler.update(new_tokens)
         return self._collect(sampling, now)
+
+    def _speculative_step(self) -> list[RequestOutput]:
+        """Like ``step``, with drafts proposed for decoding sequences and verified in the forward."""
+        spec = self.speculator
+        out = self.scheduler.schedule(spec.plan(self.scheduler.running))
+        spec.release(out.preempted)
+        if out.is_empty:
+            return []
+        proposals = spec.propose(out)
+        logits = self.runner.run(out, spec.drafts_for_runner(out, proposals))
+        now = time.perf_counter()
+        sampling = [s.seq for s in out.scheduled if s.seq.seq_id in logits]
+        sampling += self._fork_parallel_samples(sampling, logits)
+        verified = {}
+        if sampling:
+            device = next(iter(logits.values())).device
+            generators = [self._requests[seq.request_id].generator(seq, device) for seq in sampling]
+            verified = spec.verify(self.sampler, sampling, logits, proposals, generators)
+        before = {seq.seq_id: seq.num_output_tokens for seq in sampling}
+        self.scheduler.update({seq_id: v.tokens for seq_id, v in verified.items()})
+        for seq in sampling:
+            self._after_verified(seq, verified[seq.seq_id], before[seq.seq_id])
+        outputs = self._collect(sampling, now)
+        spec.release_finished()
+        return outputs
+
+    def _after_verified(self, seq: Sequence, verified: Verified, num_before: int) -> None:
+        """Logprobs of the tokens the scheduler kept; a stop string ending before the last of them."""
+        num_kept = seq.num_output_tokens - num_before
+        if seq.params.wants_logprobs:
+            seq.output_logprobs.extend(verified.logprobs[:num_kept])
+        request = self._requests.get(seq.request_id)
+        if request is None or num_kept < 2 or not request.params.stop:
+            return
+        checker = request.stop_checker(seq)
+        for end in range(num_before + 1, seq.num_output_tokens):  # the last one is _collect's check
+            if checker.check(seq.output_token_ids[:end]) is not None:
+                self.scheduler.finish(seq, "stop")  # or it ended later in this step: the stop came first
+                seq.status, seq.finish_reason = FINISH_STATUS["stop"], "stop"
+                del seq.output_logprobs[end:]
+                return
 
     def _fork_parallel_samples(self, sampling: list[Sequence], logits: dict[int, torch.Tensor]) -> list[Sequence]:
         """Children for ``n > 1``, forked when the parent's prompt is done: they share its KV blocks
