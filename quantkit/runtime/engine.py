@@ -28,7 +28,13 @@ from quantkit.runtime.sampling_params import SamplingParams
 from quantkit.runtime.scheduler import Scheduler
 from quantkit.runtime.sequence import FINISH_STATUS, Sequence
 from quantkit.runtime.spec.metrics import SpecMetrics
-from quantkit.runtime.spec.setup import SpecOptions, build_speculator, load_draft, target_share_of_blocks, weight_bytes
+from quantkit.runtime.spec.setup import (
+    SpecOptions,
+    build_speculator,
+    load_draft,
+    target_share_of_blocks,
+    weight_bytes,
+)
 from quantkit.runtime.spec.verifier import Verified
 from quantkit.runtime.stop_strings import StopChecker
 
