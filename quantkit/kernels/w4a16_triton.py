@@ -26,8 +26,8 @@ from quantkit.kernels.w4a16_dequant_triton import dequantize_triton
 from quantkit.kernels.w4a16_gemm_triton import w4a16_gemm_kernel
 from quantkit.kernels.w4a16_gemv_triton import w4a16_gemv_kernel
 
-GEMV_MAX_M = 4
-DENSE_MIN_M = 257
+GEMV_MAX_M = 2
+DENSE_MIN_M = 256
 # A memory-bound kernel needs several resident programs per multiprocessor to keep enough loads in
 # flight; split-K supplies them when the output tiles alone are too few.
 PROGRAMS_PER_SM = 4
@@ -47,17 +47,21 @@ class GemmConfig:
 
 
 def choose_config(m: int) -> GemmConfig:
-    """The default launch for m rows of x."""
+    """The default launch for m rows of x.
+
+    From the H100 tile sweep at the 4096 x 14336 shape (``bench_kernels.py --sweep``, results in
+    scripts/results/kernels_sweep_h100.txt): M=1 26 us with 128-wide GEMV tiles against 174 us
+    with 64-wide ones; 16x256x64 tiles with 8 warps for M up to 16; 64x64x128 without split-K up
+    to 64; 128x64x128 below 256; dequantize + matmul from 256 rows. Other shapes not yet swept.
+    """
     if m <= GEMV_MAX_M:
-        return GemmConfig("gemv", block_m=1, block_n=64, block_k=128)
+        return GemmConfig("gemv", block_m=1, block_n=128, block_k=128)
     if m <= 16:
-        return GemmConfig("gemm", block_m=16, block_n=64, block_k=128, num_stages=3)
+        return GemmConfig("gemm", block_m=16, block_n=256, block_k=64, num_warps=8, num_stages=3)
     if m <= 64:
-        return GemmConfig("gemm", block_m=32, block_n=128, block_k=64, num_stages=3)
+        return GemmConfig("gemm", block_m=64, block_n=64, block_k=128, split_k=1, num_stages=3)
     if m < DENSE_MIN_M:
-        return GemmConfig(
-            "gemm", block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3
-        )
+        return GemmConfig("gemm", block_m=128, block_n=64, block_k=128, split_k=1, num_stages=3)
     return GemmConfig("dense")
 
 
