@@ -46,23 +46,30 @@ class GemmConfig:
     num_stages: int = 2
 
 
-def choose_config(m: int) -> GemmConfig:
+def choose_config(m: int, dtype: torch.dtype = torch.bfloat16) -> GemmConfig:
     """The default launch for m rows of x.
 
     From the H100 tile sweep at the 4096 x 14336 shape (``bench_kernels.py --sweep``, results in
     scripts/results/kernels_sweep_h100.txt): M=1 26 us with 128-wide GEMV tiles against 174 us
     with 64-wide ones; 16x256x64 tiles with 8 warps for M up to 16; 64x64x128 without split-K up
     to 64; 128x64x128 below 256; dequantize + matmul from 256 rows. Other shapes not yet swept.
+    float32 activations double the shared memory of a tile, so they keep smaller GEMM tiles.
     """
     if m <= GEMV_MAX_M:
         return GemmConfig("gemv", block_m=1, block_n=128, block_k=128)
+    if m >= DENSE_MIN_M:
+        return GemmConfig("dense")
+    if dtype == torch.float32:
+        if m <= 16:
+            return GemmConfig("gemm", block_m=16, block_n=64, block_k=128, num_stages=3)
+        if m <= 64:
+            return GemmConfig("gemm", block_m=32, block_n=128, block_k=64, num_stages=3)
+        return GemmConfig("gemm", block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=2)
     if m <= 16:
         return GemmConfig("gemm", block_m=16, block_n=256, block_k=64, num_warps=8, num_stages=3)
     if m <= 64:
         return GemmConfig("gemm", block_m=64, block_n=64, block_k=128, split_k=1, num_stages=3)
-    if m < DENSE_MIN_M:
-        return GemmConfig("gemm", block_m=128, block_n=64, block_k=128, split_k=1, num_stages=3)
-    return GemmConfig("dense")
+    return GemmConfig("gemm", block_m=128, block_n=64, block_k=128, split_k=1, num_stages=3)
 
 
 def quantized_linear_triton(
@@ -79,7 +86,7 @@ def quantized_linear_triton(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    config = config or choose_config(m)
+    config = config or choose_config(m, x2.dtype)
     if m == 0:
         y = x2.new_empty(0, packed.out_features)
     elif config.kernel == "dense":
