@@ -60,6 +60,7 @@ def _collect_input_stats(ctx: LayerContext, groups) -> dict[str, ActivationStats
     finally:
         for handle in handles:
             handle.remove()
+    ctx.reduce(stats.values())
     return stats
 
 

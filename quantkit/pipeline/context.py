@@ -10,6 +10,7 @@ from torch import nn
 
 from quantkit.models.adapters import LinearGroup, ModelAdapter
 from quantkit.pipeline.capture import LayerBatch, run_layer
+from quantkit.pipeline.data_parallel import DataParallel
 from quantkit.pipeline.replay import ReplayCache
 from quantkit.quant.rtn import QuantizedWeight
 from quantkit.quant.scheme import QuantScheme
@@ -51,6 +52,7 @@ class LayerContext:
     result: PipelineResult
     report: LayerReport
     replay_budget_bytes: int = 0
+    data_parallel: DataParallel | None = None  # sum statistics over ranks before acting on them
     _finished: set[str] = field(default_factory=set)
 
     def full_name(self, relative: str) -> str:
@@ -85,6 +87,13 @@ class LayerContext:
     def replay(self) -> ReplayCache:
         groups = self.groups()
         return ReplayCache(self.layer, [group.linears for group in groups], self.replay_budget_bytes)
+
+    def reduce(self, statistics) -> None:
+        """All-reduce (sum) accumulators (``HessianAccumulator``/``ActivationStats``) over the
+        data-parallel ranks; nothing when running alone."""
+        if self.data_parallel is not None:
+            for accumulator in statistics:
+                accumulator.all_reduce(self.data_parallel)
 
     def finish(self, group: LinearGroup) -> None:
         """Declare the group's linears final, so later passes may replay what depends only on them."""

@@ -20,6 +20,7 @@ from torch import nn
 from quantkit.models.adapters import ModelAdapter
 from quantkit.pipeline.capture import LayerBatch, capture_first_layer_inputs, run_layer
 from quantkit.pipeline.context import LayerContext, LayerReport, PipelineResult
+from quantkit.pipeline.data_parallel import DataParallel
 from quantkit.quant.scheme import check_group_size
 from quantkit.quant.weights import weight_out_in
 from quantkit.recipe import Recipe, WeightQuantStep
@@ -40,7 +41,7 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
 
 def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, device: str | torch.device = "cpu",
                    samples: torch.Tensor | None = None, batch_size: int = 4, offload_activations: bool = False,
-                   replay_budget_bytes: int | None = None,
+                   replay_budget_bytes: int | None = None, data_parallel: DataParallel | None = None,
                    on_layer: Callable[[LayerReport], None] | None = None) -> PipelineResult:
     """Apply the recipe's weight step to every decoder layer, one layer at a time.
 
@@ -48,6 +49,8 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
     RTN. ``on_layer`` is called after each layer (progress bars hang on it).
     ``replay_budget_bytes`` bounds the memory kept for replaying finished sub-modules' outputs
     (``pipeline/replay.py``); by default it is spent only where activations live in CPU memory.
+    With ``data_parallel`` (``DataParallel.current()`` under torchrun), ``samples`` are this rank's
+    share and the statistics are summed over ranks, so every rank computes the same weights.
     """
     (step,) = recipe.steps
     device = torch.device(device)
@@ -73,7 +76,7 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
         report = LayerReport(index)
         reference = run_layer(layer, batches[0], device) if batches else None
         ctx = LayerContext(layer, index, prefix, adapter, device, scheme, batches, result, report,
-                           replay_budget_bytes=replay_budget_bytes or 0)
+                           replay_budget_bytes=replay_budget_bytes or 0, data_parallel=data_parallel)
         method(ctx)
         if batches:
             ctx.advance()

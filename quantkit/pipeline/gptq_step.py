@@ -49,6 +49,7 @@ def _collect_hessians(ctx: LayerContext, groups) -> dict[str, HessianAccumulator
     finally:
         for handle in handles:
             handle.remove()
+    ctx.reduce(accumulators.values())
     return accumulators
 
 

@@ -38,7 +38,7 @@ class ActivationStats:
     @property
     def gram(self) -> torch.Tensor:
         """``XᵀX`` (in, in) float32 over every token added."""
-        return self._gram.state[0]
+        return self._gram.state[0].to(torch.float32)
 
     @property
     def abs_mean(self) -> torch.Tensor:
@@ -46,6 +46,13 @@ class ActivationStats:
         if self._abs_sum is None:
             raise ValueError("no activations were added")
         return self._abs_sum / self.tokens
+
+    def all_reduce(self, group) -> None:
+        """Sum the statistics over the ranks of ``group`` (a ``DataParallel``)."""
+        self._gram.all_reduce(group)
+        if self._abs_sum is None:
+            self._abs_sum = torch.zeros(self.in_features, dtype=torch.float32, device=self._gram.state[0].device)
+        group.all_reduce_sum(self._abs_sum)
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add activations of shape (..., in_features): every leading index is one token."""

@@ -10,7 +10,8 @@ batch. This class keeps the raw sum ``S = Σ x xᵀ`` and the count ``n`` instea
 two accumulators (for example on two data-parallel ranks) combine by adding their sums and
 counts, so an all-reduce of ``(S, n)`` gives the Hessian of all the tokens (to float32 rounding).
 
-Precision and memory: each batch's ``XᵀX`` is computed with float32 accumulation (fp16/bf16
+Precision and memory (CPU sums are float64 instead, where memory is plentiful and the result
+then does not depend on how batches were split across ranks): each batch's ``XᵀX`` is computed with float32 accumulation (fp16/bf16
 activations on CUDA go straight to a float32-output GEMM: products of 16-bit numbers are exact in
 float32, so upcasting first adds nothing but time) and added into a float32 sum, as the GPTQ
 reference does. Wide layers are added a block of columns at a time, so no second full-size
@@ -25,7 +26,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 
-SUM_DTYPE = torch.float32
+SUM_DTYPE = torch.float32  # on accelerators; CPU sums are float64 (see _sum_dtype)
 _BLOCK_COLUMNS = 4096  # wider sums are updated a slice of columns at a time
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -55,7 +56,7 @@ class HessianAccumulator:
         if int(count) < 0:
             raise ValueError(f"count must not be negative, got {count}")
         accumulator = cls(sum_xtx.shape[0], device=sum_xtx.device)
-        accumulator._sum = sum_xtx.detach().to(SUM_DTYPE).clone()
+        accumulator._sum = sum_xtx.detach().to(_sum_dtype(sum_xtx.device)).clone()
         accumulator._count = int(count)
         return accumulator
 
@@ -77,13 +78,22 @@ class HessianAccumulator:
                 "no calibration tokens reached this layer, so its Hessian is undefined; "
                 "use more (or longer) calibration samples"
             )
-        return self._raw_sum() * (2.0 / self._count)
+        return (self._raw_sum() * (2.0 / self._count)).to(torch.float32)
 
     def take_hessian(self) -> torch.Tensor:
-        """``H`` computed in the sum's own memory; the accumulator is empty afterwards."""
-        hessian = self.hessian if self._count == 0 else self._raw_sum().mul_(2.0 / self._count)
+        """``H`` (float32), computed in the sum's own memory where the sum is float32; the
+        accumulator is empty afterwards."""
+        hessian = self.hessian if self._count == 0 else self._raw_sum().mul_(2.0 / self._count).to(torch.float32)
         self._sum, self._count = None, 0
         return hessian
+
+    def all_reduce(self, group) -> None:
+        """Sum this accumulator over the ranks of ``group`` (a ``DataParallel``): afterwards every
+        rank holds the sum and count of all ranks' tokens."""
+        total = self._raw_sum()
+        group.all_reduce_sum(total)
+        count = torch.tensor([float(self._count)], dtype=torch.float64, device=total.device)
+        self._count = int(group.all_reduce_sum(count).item())
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add activations of shape (..., in_features): every leading index is one token."""
@@ -121,8 +131,14 @@ class HessianAccumulator:
         if self._sum is None:
             place = self._device or device or torch.device("cpu")
             size = (self.in_features, self.in_features)
-            self._sum = torch.zeros(size, dtype=SUM_DTYPE, device=place)
+            self._sum = torch.zeros(size, dtype=_sum_dtype(place), device=place)
         return self._sum
+
+
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    # CPU memory is plentiful and float64 sums make the result independent of how the batches
+    # were split (one process or several ranks) to well below float32 rounding.
+    return torch.float64 if torch.device(device).type == "cpu" else SUM_DTYPE
 
 
 def _gram(tokens: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
