@@ -49,23 +49,4 @@ def quantize_layer_awq(ctx: LayerContext, config: AWQConfig) -> None:
 
 
 def _collect_input_stats(ctx: LayerContext, groups) -> dict[str, ActivationStats]:
-    stats, handles, observed = {}, [], []
-    for group in groups:
-        _name, first = ctx.targets(group)[0]
-        stats[group.name] = ActivationStats(weight_out_in(first).shape[1], device=ctx.device)
-        handles.append(first.register_forward_pre_hook(_observer(stats[group.name])))
-        observed.append(first)
-    try:
-        ctx.forward_all(stop_before=observed)
-    finally:
-        for handle in handles:
-            handle.remove()
-    ctx.reduce(stats.values())
-    return stats
-
-
-def _observer(stats: ActivationStats):
-    def hook(_module, inputs):
-        stats.add_batch(inputs[0].detach())
-
-    return hook
+    return ctx.collect_group_inputs(groups, lambda width, device: ActivationStats(width, device=device))

@@ -88,6 +88,27 @@ class LayerContext:
         groups = self.groups()
         return ReplayCache(self.layer, [group.linears for group in groups], self.replay_budget_bytes)
 
+    def collect_group_inputs(self, groups: list[LinearGroup], new_accumulator) -> dict:
+        """One pass over the calibration batches feeding each group's input to an accumulator
+        (``new_accumulator(in_features, device)``, anything with ``add_batch`` and ``all_reduce``):
+        each batch stops once every group's first linear has seen its input; the accumulators
+        are then summed over data-parallel ranks. Returns them by group name."""
+        accumulators, handles, observed = {}, [], []
+        for group in groups:
+            _name, first = self.targets(group)[0]
+            accumulator = new_accumulator(weight_out_in(first).shape[1], self.device)
+            accumulators[group.name] = accumulator
+            handles.append(first.register_forward_pre_hook(
+                lambda _module, inputs, acc=accumulator: acc.add_batch(inputs[0].detach())))
+            observed.append(first)
+        try:
+            self.forward_all(stop_before=observed)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.reduce(accumulators.values())
+        return accumulators
+
     def reduce(self, statistics) -> None:
         """All-reduce (sum) accumulators (``HessianAccumulator``/``ActivationStats``) over the
         data-parallel ranks; nothing when running alone."""

@@ -37,24 +37,4 @@ def quantize_layer_gptq(ctx: LayerContext, config: GPTQConfig, true_sequential: 
 
 
 def _collect_hessians(ctx: LayerContext, groups) -> dict[str, HessianAccumulator]:
-    accumulators, handles, observed = {}, [], []
-    for group in groups:
-        _name, first = ctx.targets(group)[0]
-        accumulator = HessianAccumulator(weight_out_in(first).shape[1], device=ctx.device)
-        accumulators[group.name] = accumulator
-        handles.append(first.register_forward_pre_hook(_observer(accumulator)))
-        observed.append(first)
-    try:
-        ctx.forward_all(stop_before=observed)
-    finally:
-        for handle in handles:
-            handle.remove()
-    ctx.reduce(accumulators.values())
-    return accumulators
-
-
-def _observer(accumulator: HessianAccumulator):
-    def hook(_module, inputs):
-        accumulator.add_batch(inputs[0].detach())
-
-    return hook
+    return ctx.collect_group_inputs(groups, lambda width, device: HessianAccumulator(width, device=device))
