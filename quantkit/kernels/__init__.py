@@ -9,7 +9,14 @@ The ``*_reference`` functions are exported here; the ``*_triton`` ones live in t
 
 from quantkit.kernels.attention_reference import paged_attention_reference
 from quantkit.kernels.backend import kernel_mode, triton_available, use_triton
-from quantkit.kernels.dispatch import paged_attention, quantized_linear, write_kv
+from quantkit.kernels.dispatch import (
+    add_rms_norm,
+    paged_attention,
+    quantized_linear,
+    rotary,
+    silu_and_mul,
+    write_kv,
+)
 from quantkit.kernels.kv_write import write_kv_reference
 from quantkit.kernels.packed_weight import (
     PackedWeight,
@@ -20,6 +27,7 @@ from quantkit.kernels.packed_weight import (
 
 __all__ = [
     "PackedWeight",
+    "add_rms_norm",
     "act_order_perm",
     "kernel_mode",
     "pack_quantized_weight",
@@ -27,6 +35,8 @@ __all__ = [
     "paged_attention_reference",
     "quantized_linear",
     "quantized_linear_reference",
+    "rotary",
+    "silu_and_mul",
     "triton_available",
     "use_triton",
     "write_kv",
@@ -37,6 +47,9 @@ _TRITON_FUNCTIONS = {
     "write_kv_triton": "quantkit.kernels.kv_write_triton",
     "paged_attention_triton": "quantkit.kernels.attention_triton",
     "quantized_linear_triton": "quantkit.kernels.w4a16_triton",
+    "add_rms_norm_triton": "quantkit.kernels.layer_ops_triton",
+    "rotary_triton": "quantkit.kernels.layer_ops_triton",
+    "silu_and_mul_triton": "quantkit.kernels.layer_ops_triton",
 }
 
 

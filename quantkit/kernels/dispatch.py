@@ -11,6 +11,11 @@ import torch
 from quantkit.kernels.attention_reference import paged_attention_reference
 from quantkit.kernels.backend import use_triton
 from quantkit.kernels.kv_write import write_kv_reference
+from quantkit.kernels.layer_ops_reference import (
+    add_rms_norm_reference,
+    rotary_reference,
+    silu_and_mul_reference,
+)
 from quantkit.kernels.packed_weight import PackedWeight, quantized_linear_reference
 
 
@@ -74,3 +79,32 @@ def quantized_linear(
 
         return quantized_linear_triton(x, packed, bias)
     return quantized_linear_reference(x, packed, bias)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) * weight, x + residual) for x (T, N); residual None: x alone."""
+    if use_triton(x):
+        from quantkit.kernels.layer_ops_triton import add_rms_norm_triton
+
+        return add_rms_norm_triton(x, residual, weight, eps)
+    return add_rms_norm_reference(x, residual, weight, eps)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (T, H, D) rotated by cos/sin (T, D): in place on the GPU, a new tensor on the reference path."""
+    if use_triton(x):
+        from quantkit.kernels.layer_ops_triton import rotary_triton
+
+        return rotary_triton(x, cos, sin)
+    return rotary_reference(x, cos, sin)
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for (T, N) operands."""
+    if use_triton(gate):
+        from quantkit.kernels.layer_ops_triton import silu_and_mul_triton
+
+        return silu_and_mul_triton(gate, up)
+    return silu_and_mul_reference(gate, up)

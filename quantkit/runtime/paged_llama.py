@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from quantkit.errors import QuantkitError
-from quantkit.kernels import paged_attention, write_kv
+from quantkit.kernels import add_rms_norm, paged_attention, rotary, silu_and_mul, write_kv
 from quantkit.runtime.forward_batch import ForwardBatch
 from quantkit.runtime.runtime_linear import (
     RuntimeLinear,
@@ -36,6 +36,7 @@ class _Layer:
     gate_up: list[RuntimeLinear]  # one fused linear, or gate, up
     down: RuntimeLinear
     act: nn.Module
+    silu: bool  # act is SiLU: gate and up go through one fused kernel
     q_norm: nn.Module | None
     k_norm: nn.Module | None
 
@@ -73,6 +74,7 @@ class PagedLlama:
             gate_up=_fused_or_split([mlp.gate_proj, mlp.up_proj], self.dtype, self.device),
             down=runtime_linears([mlp.down_proj], self.dtype, self.device),
             act=mlp.act_fn,
+            silu=_is_silu(mlp.act_fn),
             q_norm=None if q_norm is None else q_norm.to(self.device, self.dtype),
             k_norm=None if k_norm is None else k_norm.to(self.device, self.dtype),
         )
@@ -90,11 +92,14 @@ class PagedLlama:
         """Logits (N, vocab) float32 of the rows ``batch.logits_indices``."""
         hidden = self.embed[batch.input_ids]
         cos, sin = self.rotary(hidden, batch.positions.unsqueeze(0))
-        cos, sin = cos[0].unsqueeze(1).to(self.dtype), sin[0].unsqueeze(1).to(self.dtype)
+        cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
+        residual = None  # the residual stream; each norm adds the sub-layer output to it first
         for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
-            hidden = hidden + self._attention(layer, layer.input_norm(hidden), cos, sin, batch, k_cache, v_cache)
-            hidden = hidden + self._mlp(layer, layer.post_norm(hidden))
-        last = self.final_norm(hidden[batch.logits_indices])
+            x, residual = _norm(layer.input_norm, hidden, residual)
+            x, residual = _norm(layer.post_norm, self._attention(layer, x, cos, sin, batch, k_cache, v_cache), residual)
+            hidden = self._mlp(layer, x)
+        rows = batch.logits_indices
+        last, _ = _norm(self.final_norm, hidden[rows], None if residual is None else residual[rows])
         return self.lm_head(last).float()
 
     def _attention(self, layer: _Layer, x, cos, sin, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor:
@@ -107,7 +112,7 @@ class PagedLlama:
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if layer.q_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc, batch.seq_lens,
                               self.scale, max_seq_len=batch.max_seq_len)
@@ -115,7 +120,7 @@ class PagedLlama:
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = _gate_up(layer, x)
-        return layer.down(layer.act(gate) * up)
+        return layer.down(silu_and_mul(gate, up) if layer.silu else layer.act(gate) * up)
 
 
 def _gate_up(layer: _Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +145,14 @@ def _split(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(x.split(sizes, dim=-1))
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def _norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual): one fused kernel for RMSNorm, else the module itself."""
+    eps = getattr(norm, "variance_epsilon", None)
+    if eps is not None and "RMSNorm" in type(norm).__name__:
+        return add_rms_norm(x, residual, norm.weight, eps)
+    summed = x if residual is None else x + residual
+    return norm(summed), summed
+
+
+def _is_silu(act: nn.Module) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
