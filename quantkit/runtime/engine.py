@@ -45,7 +45,8 @@ class Engine:
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                  enable_prefix_caching: bool = True, draft: str | None = None, num_speculative_tokens: int = 4,
                  speculative_method: str | None = None, ngram_min: int = 1, ngram_max: int = 3,
-                 spec_max_batch: int = 32, adaptive_speculation: bool = True) -> None:
+                 spec_max_batch: int = 32, adaptive_speculation: bool = True,
+                 cuda_graphs: bool | str = True) -> None:
         from quantkit.models.loading import load_model
 
         spec = SpecOptions(speculative_method, draft, num_speculative_tokens, ngram_min, ngram_max,
@@ -70,13 +71,17 @@ class Engine:
         eos = eos if eos is not None else loaded.model.config.eos_token_id
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs,
                                    min(self.max_model_len, num_blocks * block_size), eos)
-        self.runner = ModelRunner(self.model, self.block_manager)
+        # decode steps replay CUDA graphs on the GPU; "eager-static" runs their padded path without capture
+        graphs = cuda_graphs if cuda_graphs == "eager-static" else bool(cuda_graphs) and torch_device.type == "cuda"
+        self.runner = ModelRunner(self.model, self.block_manager, decode_graphs=graphs, max_num_seqs=max_num_seqs,
+                                  max_model_len=self.max_model_len)
         self.sampler = Sampler()
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         self._requests: dict[str, _Request] = {}
         self.speculator = build_speculator(spec, draft_model, target_bytes=weight_bytes(loaded.model),
-                                           num_blocks=num_blocks, block_size=block_size)
+                                           num_blocks=num_blocks, block_size=block_size, decode_graphs=graphs,
+                                           max_model_len=self.max_model_len)
         del loaded
 
     # ------------------------------------------------------------------ requests

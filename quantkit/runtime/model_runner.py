@@ -11,6 +11,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.runtime.block_manager import BlockManager
+from quantkit.runtime.decode_graphs import DecodeGraphs
 from quantkit.runtime.forward_batch import build_forward_batch
 from quantkit.runtime.paged_llama import PagedLlama
 from quantkit.runtime.scheduler import SchedulerOutput
@@ -38,16 +39,29 @@ def plan_num_blocks(model: PagedLlama, block_size: int, *, kv_cache_tokens: int 
 
 
 class ModelRunner:
-    def __init__(self, model: PagedLlama, block_manager: BlockManager) -> None:
+    """``decode_graphs``: capture CUDA graphs for decode batches up to ``max_num_seqs`` (CUDA only;
+    ``"eager-static"`` runs the graphs' padded static-buffer path without capturing, for tests)."""
+
+    def __init__(self, model: PagedLlama, block_manager: BlockManager, *, decode_graphs: bool | str = False,
+                 max_num_seqs: int = 256, max_model_len: int | None = None) -> None:
         self.model = model
         self.block_manager = block_manager
         self.kv_cache = model.new_kv_cache(block_manager.num_blocks, block_manager.block_size)
+        self.graphs = None
+        if decode_graphs:
+            size = block_manager.block_size
+            max_len = min(max_model_len or block_manager.num_blocks * size, block_manager.num_blocks * size)
+            self.graphs = DecodeGraphs(model, self.kv_cache, max_batch=max_num_seqs,
+                                       max_blocks_per_seq=-(-max_len // size), block_size=size,
+                                       capture=decode_graphs is True)
 
     def run(self, out: SchedulerOutput, drafts: dict[int, list[int]] | None = None) -> dict[int, torch.Tensor]:
         """Logits (num_logits, vocab) per sampling sequence id; ``drafts`` are the draft tokens
         appended to each decode with ``num_lookahead > 0``."""
         self._copy_blocks(out.block_copies)
         drafts = drafts or {}
+        if self._is_graph_decode(out):
+            return self._run_graph_decode(out)
         token_ids, starts, slots, tables, logits_per_seq = [], [], [], [], []
         for sched in out.scheduled:
             seq, n = sched.seq, sched.num_new_tokens
@@ -67,6 +81,25 @@ class ModelRunner:
                 result[sched.seq.seq_id] = logits[row:row + count]
                 row += count
         return result
+
+    def _is_graph_decode(self, out: SchedulerOutput) -> bool:
+        if self.graphs is None or not out.scheduled:
+            return False
+        if any(s.num_new_tokens != 1 or s.num_lookahead or s.num_logits != 1 for s in out.scheduled):
+            return False
+        return self.graphs.fits(len(out.scheduled), max(len(s.seq.block_table) for s in out.scheduled))
+
+    def _run_graph_decode(self, out: SchedulerOutput) -> dict[int, torch.Tensor]:
+        ids, positions, slots, lens, tables = [], [], [], [], []
+        for sched in out.scheduled:
+            seq, pos = sched.seq, sched.start_position
+            ids.append(seq.token_ids_between(pos, pos + 1)[0])
+            positions.append(pos)
+            slots.append(self.block_manager.slots_for(seq, pos, 1)[0])
+            lens.append(pos + 1)
+            tables.append(seq.block_table)
+        logits = self.graphs.run(ids, positions, slots, lens, tables)
+        return {sched.seq.seq_id: logits[row:row + 1] for row, sched in enumerate(out.scheduled)}
 
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:

@@ -44,9 +44,11 @@ class _Twin:
 
 
 class DraftModelProposer:
-    def __init__(self, model: PagedLlama, num_blocks: int, block_size: int, cost_ratio: float) -> None:
+    def __init__(self, model: PagedLlama, num_blocks: int, block_size: int, cost_ratio: float, *,
+                 decode_graphs: bool = False, max_num_seqs: int = 256, max_model_len: int | None = None) -> None:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching=False)
-        self.runner = ModelRunner(model, self.block_manager)
+        self.runner = ModelRunner(model, self.block_manager, decode_graphs=decode_graphs,
+                                  max_num_seqs=max_num_seqs, max_model_len=max_model_len)
         self.sampler = Sampler()
         self.cost_ratio = cost_ratio
         self._twins: dict[int, _Twin] = {}

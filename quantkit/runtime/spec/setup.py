@@ -71,13 +71,16 @@ def target_share_of_blocks(num_blocks: int, target: PagedLlama, draft: PagedLlam
 
 
 def build_speculator(options: SpecOptions, draft: LoadedDraft | None, *, target_bytes: int,
-                     num_blocks: int, block_size: int) -> Speculator | None:
+                     num_blocks: int, block_size: int, decode_graphs: bool = False,
+                     max_model_len: int | None = None) -> Speculator | None:
     method = options.resolved_method()
     if method is None:
         return None
     if method == "draft":
         ratio = draft.weight_bytes / max(1, target_bytes)
-        proposer = DraftModelProposer(draft.model, num_blocks, block_size, cost_ratio=ratio)
+        proposer = DraftModelProposer(draft.model, num_blocks, block_size, cost_ratio=ratio,
+                                      decode_graphs=decode_graphs, max_num_seqs=options.max_batch,
+                                      max_model_len=max_model_len)
     else:
         proposer = NgramProposer(options.ngram_min, options.ngram_max)
     controller = AdaptiveK(options.num_speculative_tokens, draft_cost=proposer.cost_ratio, adaptive=options.adaptive)
