@@ -6,6 +6,10 @@ tile lies inside one group, the codes go to the dot unscaled (small integers are
 floats) and the group's scale and zero point are applied to the float32 tile result:
 ``scale * (x @ codes - rowsum(x) * zero)``; otherwise each element is dequantized first. With
 SPLIT_K > 1 partial tiles are atomically added to a float32 workspace.
+
+FAST_CODES (16-bit activations, codes that fit the mantissa) makes the 16-bit codes by bit
+operations instead of integer-to-float conversions: a code ORed into the bits of 128.0 (bfloat16)
+or 1024.0 (float16) is that float plus the code exactly; the offset joins the zero point.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ def w4a16_gemm_kernel(
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FAST_CODES: tl.constexpr = 0,
 ):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -70,7 +75,26 @@ def w4a16_gemm_kernel(
         codes = tl.reshape(
             (w[:, None, :] >> shifts) & ((1 << BITS) - 1), (BLOCK_K, BLOCK_N)
         )
-        if GROUP_SIZE % BLOCK_K == 0:
+        if GROUP_SIZE % BLOCK_K == 0 and FAST_CODES != 0:
+            # FAST_CODES 1: bfloat16 (offset 128), 2: float16 (offset 1024)
+            if FAST_CODES == 1:
+                magic = 0x4300
+                offset = 128.0
+            else:
+                magic = 0x6400
+                offset = 1024.0
+            tile = (codes | magic).to(tl.int16).to(x.dtype, bitcast=True)
+            g = k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + g * N + n, mask=n_valid, other=0.0).to(
+                tl.float32
+            )
+            zero = tl.load(zeros_ptr + g * N + n, mask=n_valid, other=0.0).to(
+                tl.float32
+            )
+            part = tl.dot(x, tile, input_precision=DOT_PRECISION)
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            acc += scale[None, :] * (part - x_sum[:, None] * (zero[None, :] + offset))
+        elif GROUP_SIZE % BLOCK_K == 0:
             g = k0 // GROUP_SIZE
             scale = tl.load(scales_ptr + g * N + n, mask=n_valid, other=0.0).to(
                 tl.float32

@@ -8,6 +8,10 @@ once per tile: ``scale * (sum(code * x) - zero * sum(x))``. Programs of differen
 read the same weight tile are launched next to each other (row is the fastest grid axis), so the
 weight comes from DRAM about once. With SPLIT_K > 1 the partial sums are atomically added to a
 float32 workspace (bias and cast happen outside).
+
+FAST_CODES turns codes into floats without the integer-to-float conversion instruction (a
+quarter-rate instruction that bounds this kernel before memory does): a code ORed into the
+mantissa of 2**23 is the float 2**23 + code exactly, and one subtraction leaves the code.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def w4a16_gemv_kernel(
     SPLIT_K: tl.constexpr,
     HAS_PERM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    FAST_CODES: tl.constexpr = False,
 ):
     row = tl.program_id(0)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,7 +69,12 @@ def w4a16_gemv_kernel(
             mask=(word[:, None] * PACK < K) & n_valid[None, :],
             other=0,
         )
-        codes = ((w[:, None, :] >> shifts) & ((1 << BITS) - 1)).to(tl.float32)
+        if FAST_CODES:
+            codes = (((w[:, None, :] >> shifts) & ((1 << BITS) - 1)) | 0x4B000000).to(
+                tl.float32, bitcast=True
+            ) - 8388608.0
+        else:
+            codes = ((w[:, None, :] >> shifts) & ((1 << BITS) - 1)).to(tl.float32)
         if GROUP_SIZE % BLOCK_K == 0:
             g = k0 // GROUP_SIZE
             scale = tl.load(scales_ptr + g * N + n, mask=n_valid, other=0.0).to(

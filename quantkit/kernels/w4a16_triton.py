@@ -44,6 +44,7 @@ class GemmConfig:
     split_k: int | None = None
     num_warps: int = 4
     num_stages: int = 2
+    fast_codes: bool = True  # codes to floats by bit operations (see the kernels' docstrings)
 
 
 def choose_config(m: int, dtype: torch.dtype = torch.bfloat16) -> GemmConfig:
@@ -127,7 +128,14 @@ def _fused(
     grid = (rows, triton.cdiv(n, config.block_n), split_k)
     if config.kernel == "gemv":
         w4a16_gemv_kernel[grid](
-            *args, n, k, x.stride(0), out.stride(0), k_per_split, **common
+            *args,
+            n,
+            k,
+            x.stride(0),
+            out.stride(0),
+            k_per_split,
+            FAST_CODES=config.fast_codes and packed.bits <= 16,
+            **common,
         )
     elif config.kernel == "gemm":
         w4a16_gemm_kernel[grid](
@@ -140,6 +148,7 @@ def _fused(
             k_per_split,
             BLOCK_M=config.block_m,
             DOT_PRECISION=dot_precision(x.dtype),
+            FAST_CODES=_fast_codes_mode(config, x.dtype, packed.bits),
             **common,
         )
     else:
@@ -149,6 +158,17 @@ def _fused(
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)
+
+
+def _fast_codes_mode(config: GemmConfig, dtype: torch.dtype, bits: int) -> int:
+    """The GEMM's FAST_CODES: 1 bfloat16 (codes below 128), 2 float16 (below 1024), 0 off."""
+    if not config.fast_codes:
+        return 0
+    if dtype == torch.bfloat16 and bits <= 7:
+        return 1
+    if dtype == torch.float16 and bits <= 10:
+        return 2
+    return 0
 
 
 def _split_k(

@@ -110,11 +110,12 @@ def _config(kernel, **kwargs):
     [(4, 64, False), (4, 32, True), (8, -1, False), (2, 128, False)],
 )
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_triton_gemv_matches_reference(bits, group_size, act_order, split_k, dtype):
+@pytest.mark.parametrize("fast_codes", [True, False], ids=["fast-codes", "convert"])
+def test_triton_gemv_matches_reference(bits, group_size, act_order, split_k, dtype, fast_codes):
     case = quantized_case(
         80, 256, group_size, bits, act_order=act_order, device=triton_device()
     )
-    config = _config("gemv", block_n=32, block_k=64, split_k=split_k)
+    config = _config("gemv", block_n=32, block_k=64, split_k=split_k, fast_codes=fast_codes)
     _check_triton(case, 2, dtype, config, bias=split_k == 1)
 
 
@@ -134,13 +135,14 @@ def test_triton_gemv_matches_reference(bits, group_size, act_order, split_k, dty
     ],
 )
 @pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("fast_codes", [True, False], ids=["fast-codes", "convert"])
 def test_triton_gemm_matches_reference(
-    bits, group_size, act_order, in_features, split_k, dtype
+    bits, group_size, act_order, in_features, split_k, dtype, fast_codes
 ):
     case = quantized_case(
         48, in_features, group_size, bits, act_order=act_order, device=triton_device()
     )
-    config = _config("gemm", block_m=16, block_n=32, block_k=64, split_k=split_k)
+    config = _config("gemm", block_m=16, block_n=32, block_k=64, split_k=split_k, fast_codes=fast_codes)
     _check_triton(case, 21, dtype, config)
 
 
