@@ -343,9 +343,9 @@ def run_hf_baseline(model: str | None, workload: Workload, batch_size: int, *, d
     (``min_new_tokens = max_new_tokens``). Throughput counts only the tokens each request asked for."""
     import torch
 
-    from quantkit.models.loading import load_model
+    from quantkit.models.loading import LoadedModel, load_model
 
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device=device)
     network, clock, memory = loaded.model, make_clock(device), PeakMemory(device)
     pad = _pad_id(network.config)
     _hf_generate(network, [workload.prompts[0][:8]], 2, pad, device)  # warm-up

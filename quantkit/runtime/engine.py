@@ -40,19 +40,20 @@ from quantkit.runtime.stop_strings import StopChecker
 
 
 class Engine:
-    def __init__(self, model: str | None = None, *, device: str = "cpu", dtype: str = "auto", block_size: int = 16,
+    def __init__(self, model=None, *, device: str = "cpu", dtype: str = "auto", block_size: int = 16,
                  kv_cache_tokens: int | None = None, gpu_memory_utilization: float = 0.9,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256,
                  enable_prefix_caching: bool = True, draft: str | None = None, num_speculative_tokens: int = 4,
                  speculative_method: str | None = None, ngram_min: int = 1, ngram_max: int = 3,
                  spec_max_batch: int = 32, adaptive_speculation: bool = True,
                  cuda_graphs: bool | str = True) -> None:
-        from quantkit.models.loading import load_model
+        from quantkit.models.loading import LoadedModel, load_model
 
         spec = SpecOptions(speculative_method, draft, num_speculative_tokens, ngram_min, ngram_max,
                            spec_max_batch, adaptive_speculation)
         method = spec.resolved_method()
-        loaded = load_model(model, dtype=dtype, device="cpu")
+        # a LoadedModel (already in memory, e.g. a benchmark's random model on the GPU) is used as is
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, dtype=dtype, device="cpu")
         torch_device = torch.device(device)
         compute_dtype = loaded.model.dtype if torch_device.type == "cuda" else torch.float32
         self.model = PagedLlama(loaded.model, torch_device, compute_dtype)

@@ -1,9 +1,10 @@
 """Runtime speed on a randomly initialised Llama-3-8B-shaped model on one GPU (speed only).
 
-Speed does not depend on the weights' values, so the model is random (std 0.02, bf16) and every
-prompt is random token ids. The script writes two checkpoints to a work folder: the bf16 model as
-a Hugging Face folder, and its W4A16 g128 RTN version in the GPTQ layout written by
-``quantkit.compress.compress``. For each it measures, on the runtime engine:
+Speed does not depend on the weights' values, so the model is random (std 0.02, bf16), built
+directly on the GPU, and every prompt is random token ids. Nothing is written to disk: the engine
+takes the model in memory, then the script quantizes its linear layers in place (W4A16 g128,
+symmetric RTN, the GPTQ layout's QuantLinear; lm_head kept in bf16) and runs the engine again.
+For each it measures:
 
 - batch-1 decode: TTFT, time per output token and tokens/s, beside the memory-bandwidth limit
   (bytes per decode step over the device's measured copy bandwidth);
@@ -15,15 +16,13 @@ engine's throughput is compared with it per output token (tokens/s over tokens/s
 baseline ran only a subset. Results go to ``--json`` after every phase, so a run cut short
 still leaves what it measured.
 
-    python scripts/gpu/bench_runtime.py --json out.json [--workdir /tmp/qk8b] [--models bf16,w4a16]
+    python scripts/gpu/bench_runtime.py --json out.json [--models bf16,w4a16] [--no-baseline]
     python scripts/gpu/bench_runtime.py --tiny --json tiny.json   # small shape on the CPU
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -75,43 +74,44 @@ def random_model(shape: dict, device: str) -> LlamaForCausalLM:
     return model.eval().requires_grad_(False)
 
 
-def write_bf16(folder: Path, shape: dict, device: str, with_tokenizer: bool) -> None:
-    if (folder / "config.json").exists():
-        return
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    model = random_model(shape, device)
-    model.save_pretrained(staging)
-    if with_tokenizer:
-        from quantkit.models.bundled import BUNDLED_MODELS
+def in_memory(model: LlamaForCausalLM, label: str):
+    """The model as the loader would hand it over (no tokenizer: prompts are token ids)."""
+    from quantkit.models.adapters.registry import get_adapter
+    from quantkit.models.loading import LoadedModel
 
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(BUNDLED_MODELS["quantkit-target"] / name, staging / name)
-    del model
-    staging.rename(folder)
+    return LoadedModel(model, None, label, get_adapter(model.config), None)
+
+
+def quantize_w4a16_in_place(model: LlamaForCausalLM) -> float:
+    """RTN W4A16 g128 (symmetric, GPTQ QuantLinear) of every decoder linear; seconds it took."""
+    from quantkit.quant.linear import QuantLinear
+    from quantkit.quant.rtn import rtn_quantize
+    from quantkit.quant.scheme import QuantScheme
+
+    scheme = QuantScheme(bits=4, group_size=128, symmetric=True)
+    started = time.perf_counter()
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    qw = rtn_quantize(child.weight.detach().float(), scheme, module_name=name)
+                    setattr(parent, name, QuantLinear._packed(qw, has_bias=child.bias is not None,
+                                                              dtype=child.weight.dtype))
+                    del child
     if torch.cuda.is_available():
+        torch.cuda.synchronize()
         torch.cuda.empty_cache()
-
-
-def write_w4a16(source: Path, folder: Path, device: str) -> float | None:
-    """RTN W4A16 g128 (symmetric, GPTQ layout, lm_head kept); seconds it took, None if it existed."""
-    from quantkit.compress import compress
-    from quantkit.recipe import weight_quant_recipe
-
-    if (folder / "config.json").exists():
-        return None
-    recipe = weight_quant_recipe("w4a16", group_size=128, method="rtn", fmt="gptq")
-    return compress(str(source), recipe, folder, device=device).seconds
+    return time.perf_counter() - started
 
 
 # ---------------------------------------------------------------------- measurements
-def measure_model(path: Path, label: str, args, device: str, bandwidth: float | None, results: dict):
+def measure_model(loaded, label: str, args, device: str, bandwidth: float | None, results: dict):
     """Latency, then throughput, on one engine; the throughput workload for the baseline."""
-    engine = open_engine(str(path), device=device, dtype="auto", kv_cache_tokens=args.kv_cache_tokens,
+    engine = open_engine(loaded, device=device, dtype="auto", kv_cache_tokens=args.kv_cache_tokens,
                          gpu_memory_utilization=args.gpu_memory_utilization)
     entry = results["models"].setdefault(label, {})
     try:
-        entry["setup"] = {**engine_setup(engine, str(path), device), "model": label}
+        entry["setup"] = {**engine_setup(engine, loaded.path, device), "model": label}
         latency = LatencyConfig(input_len=args.latency_input_len, output_len=args.latency_output_len,
                                 repetitions=args.repetitions).check()
         entry["latency"] = latency_on_engine(engine, latency, device, bandwidth, progress=False)
@@ -176,11 +176,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="a small shape on the CPU (checks the script)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 32, tiny: 2)")
-    ap.add_argument("--workdir", default=None, help="keep (and reuse) the checkpoints here; default: a temp folder")
     ap.add_argument("--models", default="bf16,w4a16", help="which of bf16,w4a16 to measure")
     ap.add_argument("--no-baseline", action="store_true", help="skip transformers generate")
-    ap.add_argument("--with-tokenizer", action="store_true",
-                    help="copy the bundled tokenizer (the engine then detokenizes outputs; ids >= its vocab decode to nothing)")
     ap.add_argument("--num-requests", type=int)
     ap.add_argument("--input-len-range")
     ap.add_argument("--output-len-range")
@@ -206,33 +203,39 @@ def main() -> None:
     shape = dict(TINY if args.tiny else LLAMA3_8B)
     shape["num_hidden_layers"] = args.layers or shape["num_hidden_layers"]
     labels = [m.strip() for m in args.models.split(",") if m.strip()]
-    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="qk-bench-runtime-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    unknown = set(labels) - {"bf16", "w4a16"}
+    if unknown:
+        raise SystemExit(f"unknown --models {sorted(unknown)}: choose from bf16, w4a16")
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "model": f"{'tiny' if args.tiny else 'Llama-3-8B'} shape, random weights", "shape": shape,
-               "prompts": "random token ids", "tokenizer": "bundled (copied)" if args.with_tokenizer else "none",
-               "sampling": "greedy, end-of-sequence ignored", "models": {}, "baseline": None}
+               "prompts": "random token ids", "sampling": "greedy, end-of-sequence ignored", "models": {},
+               "baseline": None}
     results["device_bandwidth_bytes_per_s"] = bandwidth = measure_copy_bandwidth(device)
     started = time.perf_counter()
-    write_bf16(workdir / "bf16", shape, device, args.with_tokenizer)
-    results["checkpoint_seconds"] = {"bf16": time.perf_counter() - started}
-    if "w4a16" in labels:
-        results["checkpoint_seconds"]["w4a16_rtn"] = write_w4a16(workdir / "bf16", workdir / "w4a16", device)
+    model = random_model(shape, device)
+    if device == "cpu":
+        model = model.float()  # the CPU computes in float32, as load_model(dtype="auto") would
+    results["build_seconds"] = {"bf16": time.perf_counter() - started}
     workload = None
-    for label in labels:
-        workload = measure_model(workdir / label, label, args, device, bandwidth, results)
-        print("\n".join(summary_lines(results, only=label)), flush=True)
+    if "bf16" in labels:
+        workload = measure_model(in_memory(model, "random Llama bf16"), "bf16", args, device, bandwidth, results)
+        print("\n".join(summary_lines(results, only="bf16")), flush=True)
     if not args.no_baseline and workload is not None:
         subset = workload.head(args.baseline_requests)
-        results["baseline"] = run_hf_baseline(str(workdir / "bf16"), subset, args.baseline_batch_size,
-                                              device=device, dtype="auto")
+        results["baseline"] = run_hf_baseline(in_memory(model, "random Llama bf16"), subset,
+                                              args.baseline_batch_size, device=device, dtype="auto")
         results["baseline"]["note"] = (f"first {len(subset)} of the {len(workload)} requests; ratios compare "
                                        "output tokens/s")
         results["ratio_vs_baseline"] = baseline_ratios(results)
+        save(results, args)
+    if "w4a16" in labels:
+        results["build_seconds"]["w4a16_rtn_in_place"] = quantize_w4a16_in_place(model)
+        measure_model(in_memory(model, "random Llama W4A16 g128 RTN"), "w4a16", args, device, bandwidth, results)
+        print("\n".join(summary_lines(results, only="w4a16")), flush=True)
+        if results.get("baseline"):
+            results["ratio_vs_baseline"] = baseline_ratios(results)
     save(results, args)
     print("\n".join(line for line in results["summary"] if "vs transformers" in line))
-    if not args.workdir:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
