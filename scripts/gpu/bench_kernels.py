@@ -42,6 +42,12 @@ LLAMA3_8B_LINEARS = {  # (in, out)
     "gate/up_proj": (4096, 14336),
     "down_proj": (14336, 4096),
 }
+LLAMA3_8B_FUSED_LINEARS = {  # (in, out) as the runtime runs them: q/k/v and gate/up fused
+    "qkv_proj": (4096, 6144),
+    "o_proj": (4096, 4096),
+    "gate_up_proj": (4096, 28672),
+    "down_proj": (14336, 4096),
+}
 TINY_LINEARS = {"tiny": (256, 512)}
 BATCH_ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096]
 DECODE_BATCHES = [1, 4, 16, 64]
@@ -234,20 +240,31 @@ def run_decode(batches, contexts, shape: dict, device: str, bandwidth: float, at
 
 
 def linear_sweep_configs(m: int):
+    """Candidate launches for m rows: GEMV tiles for m <= 2 (and the integer-to-float conversion
+    for comparison), tensor-core GEMM tiles from 4 rows, dense from 64."""
     from quantkit.kernels.w4a16_triton import GemmConfig
 
     configs = []
-    if m <= 8:
-        for block_n in (32, 64, 128):
-            for block_k in (128, 256):
-                for split_k in (None, 1):
-                    configs.append(GemmConfig("gemv", block_m=1, block_n=block_n, block_k=block_k, split_k=split_k))
-    for block_m in (16, 32, 64, 128):
-        if block_m > max(16, 2 * m):
-            continue
-        for block_n, block_k, warps in ((64, 128, 4), (128, 64, 4), (128, 64, 8), (128, 128, 8), (256, 64, 8)):
-            for split_k in (None, 1):
-                configs.append(GemmConfig("gemm", block_m, block_n, block_k, split_k, warps, 3))
+    if m <= 2:
+        for block_n in (32, 64, 128, 256):
+            for block_k in (128, 256, 512):
+                if block_n * block_k > 65536:
+                    continue
+                for warps in (4, 8):
+                    for split_k in (None, 1, 2, 4):
+                        configs.append(GemmConfig("gemv", block_m=1, block_n=block_n, block_k=block_k,
+                                                  split_k=split_k, num_warps=warps))
+        configs.append(GemmConfig("gemv", block_m=1, block_n=128, block_k=128, fast_codes=False))
+    if m >= 4:
+        for block_m in (16, 32, 64, 128):
+            if block_m > max(16, 2 * m):
+                continue
+            for block_n, block_k, warps in ((64, 128, 4), (64, 256, 4), (128, 64, 4), (128, 128, 4),
+                                            (128, 128, 8), (256, 64, 8)):
+                for stages in (3, 4):
+                    for split_k in (None, 1):
+                        configs.append(GemmConfig("gemm", block_m, block_n, block_k, split_k, warps, stages))
+            configs.append(GemmConfig("gemm", block_m, 128, 128, None, 4, 3, fast_codes=False))
     if m >= 64:
         configs.append(GemmConfig("dense"))
     return configs
@@ -259,7 +276,7 @@ def sweep_linears(linears: dict, rows: list[int], device: str) -> list[dict]:
     results = []
     for name, shape in linears.items():
         packed, _ = linear_weights(shape, device)
-        for m in track([r for r in rows if r <= 512], description=f"sweep {name}", console=console):
+        for m in track([r for r in rows if r <= 256], description=f"sweep {name}", console=console):
             x = torch.randn(m, shape[0], device=device).to(torch.bfloat16)
             timed = []
             for config in linear_sweep_configs(m):
@@ -273,11 +290,13 @@ def sweep_linears(linears: dict, rows: list[int], device: str) -> list[dict]:
             results.append(
                 {
                     "linear": name,
+                    "shape": list(shape),
                     "m": m,
                     "default": asdict(default),
                     "default_us": default_us,
                     "best": asdict(best),
                     "best_us": best_us,
+                    "all": [{"us": us, **asdict(c)} for us, c in sorted(timed, key=lambda t: t[0])[:12]],
                 }
             )
         del packed
@@ -383,7 +402,9 @@ def print_sweep(linear: list[dict], decode: list[dict]) -> None:
 def _config_label(c: dict) -> str:
     if c["kernel"] == "dense":
         return "dense"
-    return f"{c['kernel']} {c['block_m']}x{c['block_n']}x{c['block_k']} s{c['split_k']} w{c['num_warps']}"
+    fast = "" if c.get("fast_codes", True) else " cvt"
+    return (f"{c['kernel']} {c['block_m']}x{c['block_n']}x{c['block_k']} s{c['split_k']} w{c['num_warps']} "
+            f"st{c['num_stages']}{fast}")
 
 
 def environment(device: str) -> dict:
@@ -403,6 +424,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="also time alternative kernel tiles")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU, reference path")
     ap.add_argument("--linears", default=None, help=f"comma-separated subset of {','.join(LLAMA3_8B_LINEARS)}")
+    ap.add_argument("--fused", action="store_true", help="the runtime's fused shapes (qkv, gate_up) instead of "
+                    "the separate projections")
+    ap.add_argument("--rows", default=None, help="comma-separated row counts M (default: 1..4096)")
     ap.add_argument("--skip-linear", action="store_true")
     ap.add_argument("--skip-attention", action="store_true")
     args = ap.parse_args()
@@ -416,11 +440,15 @@ def main() -> None:
         batches, contexts = DECODE_BATCHES, DECODE_CONTEXTS
     else:
         raise SystemExit("no CUDA device: run with --dry-run for the CPU smoke test")
+    if args.fused and not args.dry_run:
+        linears = LLAMA3_8B_FUSED_LINEARS
     if args.linears and not args.dry_run:
-        unknown = set(args.linears.split(",")) - set(LLAMA3_8B_LINEARS)
+        unknown = set(args.linears.split(",")) - set(linears)
         if unknown:
-            raise SystemExit(f"unknown linears {sorted(unknown)}; choose from {', '.join(LLAMA3_8B_LINEARS)}")
-        linears = {name: LLAMA3_8B_LINEARS[name] for name in args.linears.split(",")}
+            raise SystemExit(f"unknown linears {sorted(unknown)}; choose from {', '.join(linears)}")
+        linears = {name: linears[name] for name in args.linears.split(",")}
+    if args.rows:
+        rows = [int(r) for r in args.rows.split(",")]
 
     figures = {
         **environment(device),

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU work, by phase: tests, sweep, kernels, runtime, spec.
+#   OUT=/some/dir bash scripts/gpu/device_session.sh tests sweep
+# Each phase writes its log (and JSON) under $OUT; a failing phase does not stop the next.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+export HF_HUB_OFFLINE=1 PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:?set OUT}
+TEXT=calibration_data/wikitext2/wiki.test.raw
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/device.txt" 2>&1
+for phase in "$@"; do
+  start=$(date +%s)
+  case $phase in
+    tests)
+      timeout 220 python -m pytest -q -m gpu -p no:cacheprovider tests -x --durations=8 > "$OUT/gpu_tests.txt" 2>&1 ;;
+    sweep)
+      timeout 330 python scripts/gpu/bench_kernels.py --fused --sweep --skip-attention --rows 1,2,4,8,16,32,64,128,256,512,1024,4096 \
+        --json "$OUT/kernels_sweep.json" > "$OUT/kernels_sweep.txt" 2>&1 ;;
+    kernels)
+      python scripts/gpu/bench_kernels.py --fused --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 ;;
+    runtime)
+      timeout 420 python scripts/gpu/bench_runtime.py --json "$OUT/runtime_8b.json" > "$OUT/runtime_8b.txt" 2>&1 ;;
+    spec)
+      for draft in none quantkit-draft; do
+        for conc in 1 64; do
+          extra=(); [ "$draft" != none ] && extra=(--draft "$draft")
+          timeout 150 python -m quantkit bench quantkit-target --device cuda --dtype bfloat16 --text-file "$TEXT" \
+            --num-requests 64 --input-len-range 128,128 --output-len-range 128,128 --max-concurrency "$conc" \
+            "${extra[@]}" --json "/tmp/spec_${draft}_c${conc}.json" >> "$OUT/spec.txt" 2>&1
+        done
+      done
+      python -c "import glob, json, sys; json.dump({f: json.load(open(f)) for f in sorted(glob.glob('/tmp/spec_*.json'))}, open(sys.argv[1], 'w'), indent=1)" "$OUT/spec.json" ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+  echo "$phase: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/phases.txt"
+done
