@@ -166,6 +166,8 @@ def paged_attention_triton(
     )
     if k_cache.stride() != v_cache.stride():
         raise ValueError("k_cache and v_cache must have the same strides")
+    if seq_lens.stride(0) != 1 or query_start_loc.stride(0) != 1 or block_tables.stride(1) != 1:
+        raise ValueError("seq_lens, query_start_loc and block-table rows must be contiguous")
     if q.shape[0] == seq_lens.shape[0]:
         from quantkit.kernels.attention_decode_triton import paged_decode_triton
 

@@ -32,10 +32,13 @@ class DecodeGraphs:
         self.capture = capture
         device, n = model.device, self.max_batch
         self._ids64 = torch.zeros(3, n, dtype=torch.int64, device=device)  # input_ids, positions, slots
-        self._ids32 = torch.zeros(n, 1 + self.max_blocks, dtype=torch.int32, device=device)  # seq_len | table
+        # kernels read seq_lens and block-table rows as contiguous arrays: separate buffers
+        self._seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self._tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
         self._host64 = torch.zeros(3, n, dtype=torch.int64, pin_memory=pin)
-        self._host32 = torch.zeros(n, 1 + self.max_blocks, dtype=torch.int32, pin_memory=pin)
+        self._host_lens = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
+        self._host_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, pin_memory=pin)
         self._query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self._logits_indices = torch.arange(n, dtype=torch.int64, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -60,25 +63,28 @@ class DecodeGraphs:
     # ------------------------------------------------------------------ internals
     def _stage(self, token_ids, positions, slots, seq_lens, block_tables, size: int) -> None:
         count = len(token_ids)
-        host64, host32 = self._host64, self._host32
+        host64, lens, tables = self._host64, self._host_lens, self._host_tables
         host64[:, :size] = 0
         host64[2, :size] = -1  # padding rows write no cache slot
         host64[0, :count] = torch.tensor(token_ids, dtype=torch.int64)
         host64[1, :count] = torch.tensor(positions, dtype=torch.int64)
         host64[2, :count] = torch.tensor(slots, dtype=torch.int64)
-        host32[:size] = 0
-        host32[:size, 0] = 1  # padding rows attend to one key
-        host32[:count, 0] = torch.tensor(seq_lens, dtype=torch.int32)
+        lens[:size] = 1  # padding rows attend to one key
+        lens[:count] = torch.tensor(seq_lens, dtype=torch.int32)
+        width = max(len(table) for table in block_tables)
+        tables[:size, :width] = 0
         for row, table in enumerate(block_tables):
-            host32[row, 1:1 + len(table)] = torch.tensor(table, dtype=torch.int32)
+            tables[row, :len(table)] = torch.tensor(table, dtype=torch.int32)
         self._ids64[:, :size].copy_(host64[:, :size], non_blocking=True)
-        self._ids32[:size].copy_(host32[:size], non_blocking=True)
+        self._seq_lens[:size].copy_(lens[:size], non_blocking=True)
+        # only the first `width` columns can be read (seq_lens bound them); older columns are stale but unread
+        self._tables[:size, :width].copy_(tables[:size, :width], non_blocking=True)
 
     def _batch(self, size: int) -> ForwardBatch:
         return ForwardBatch(
             input_ids=self._ids64[0, :size], positions=self._ids64[1, :size], slot_mapping=self._ids64[2, :size],
-            block_tables=self._ids32[:size, 1:], query_start_loc=self._query_start_loc[:size + 1],
-            seq_lens=self._ids32[:size, 0], max_seq_len=self.max_seq_len,
+            block_tables=self._tables[:size], query_start_loc=self._query_start_loc[:size + 1],
+            seq_lens=self._seq_lens[:size], max_seq_len=self.max_seq_len,
             logits_indices=self._logits_indices[:size])
 
     def _capture_all(self) -> None:

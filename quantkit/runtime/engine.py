@@ -19,6 +19,7 @@ import time
 import torch
 
 from quantkit.errors import QuantkitError
+from quantkit.kernels import kernel_mode
 from quantkit.runtime.block_manager import BlockManager
 from quantkit.runtime.model_runner import ModelRunner, plan_num_blocks
 from quantkit.runtime.outputs import CompletionOutput, RequestOutput
@@ -73,7 +74,9 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_num_batched_tokens, max_num_seqs,
                                    min(self.max_model_len, num_blocks * block_size), eos)
         # decode steps replay CUDA graphs on the GPU; "eager-static" runs their padded path without capture
-        graphs = cuda_graphs if cuda_graphs == "eager-static" else bool(cuda_graphs) and torch_device.type == "cuda"
+        # (QUANTKIT_KERNELS=reference on CUDA runs uncapturable reference kernels: no graphs then)
+        graphs = cuda_graphs if cuda_graphs == "eager-static" else (
+            bool(cuda_graphs) and torch_device.type == "cuda" and kernel_mode() != "reference")
         self.runner = ModelRunner(self.model, self.block_manager, decode_graphs=graphs, max_num_seqs=max_num_seqs,
                                   max_model_len=self.max_model_len)
         self.sampler = Sampler()

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
+import triton
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
@@ -281,7 +282,10 @@ def sweep_linears(linears: dict, rows: list[int], device: str) -> list[dict]:
             timed = []
             for config in linear_sweep_configs(m):
                 calls = [lambda p=p, c=config, x=x: quantized_linear_triton(x, p, config=c) for p in packed]
-                timed.append((device_time_us(calls, device)[0], config))
+                try:
+                    timed.append((device_time_us(calls, device)[0], config))
+                except triton.runtime.errors.OutOfResources:  # a tile too large for shared memory
+                    continue
             default = choose_config(m)
             default_us = device_time_us(
                 [lambda p=p, c=default, x=x: quantized_linear_triton(x, p, config=c) for p in packed], device

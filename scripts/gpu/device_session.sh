@@ -17,6 +17,9 @@ for phase in "$@"; do
         tests/runtime/test_decode_graphs.py > "$OUT/gpu_tests.txt" 2>&1
       timeout 120 python -m pytest -q -p no:cacheprovider -m gpu tests/test_awq_algorithm.py tests/test_gptq_algorithm.py \
         tests/test_model_loading.py >> "$OUT/gpu_tests.txt" 2>&1 ;;
+    runtime-tests)
+      timeout 200 python -m pytest -q -p no:cacheprovider --durations=8 tests/runtime/test_engine_gpu.py \
+        tests/runtime/test_decode_graphs.py tests/kernels/test_kernels_layer_ops.py > "$OUT/gpu_tests.txt" 2>&1 ;;
     sweep)
       timeout 330 python scripts/gpu/bench_kernels.py --fused --sweep --skip-attention --rows 1,2,4,8,16,32,64,128,256,512,1024,4096 \
         --json "$OUT/kernels_sweep.json" > "$OUT/kernels_sweep.txt" 2>&1 ;;
