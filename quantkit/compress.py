@@ -16,6 +16,7 @@ from quantkit.errors import QuantkitError
 from quantkit.formats.atomic import check_output_dir
 from quantkit.pipeline import LayerReport, PipelineResult, check_recipe_fits, quantize_model
 from quantkit.recipe import Recipe
+from quantkit.sparsity.targets import SparsityReport
 
 
 @dataclass
@@ -27,6 +28,7 @@ class CompressResult:
     seconds: float
     num_layers: int
     calibration_tokens: int
+    sparsity: SparsityReport | None = None  # per-linear zeros, when a step prunes
 
 
 def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite: bool = False,
@@ -56,13 +58,38 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
         on_start(num_layers)
     result = quantize_model(loaded.model, loaded.adapter, recipe, device=device, samples=samples,
                             batch_size=batch_size, offload_activations=offload_activations, on_layer=on_layer)
+    sparsity = _record_sparsity(loaded, recipe)
+    if sparsity is not None and not recipe.quantizes:
+        from quantkit.sparsity.checkpoint import save_dense_checkpoint, storage_dtype
+
+        save_dense_checkpoint(loaded.model, loaded.tokenizer, output, dtype=storage_dtype(loaded.path),
+                              overwrite=overwrite)
+        return CompressResult(output=output, model_path=loaded.path, recipe=recipe, pipeline=result,
+                              seconds=time.perf_counter() - started, num_layers=num_layers,
+                              calibration_tokens=0 if samples is None else samples.numel(), sparsity=sparsity)
     (step,) = recipe.steps
     save_checkpoint(recipe.format, loaded.model, loaded.tokenizer, result.quantized, step.quant_scheme(), output,
                     overwrite=overwrite, algorithm_config={"method": step.method, "recipe": recipe.name,
                                                            **dict(step.options)})
     return CompressResult(output=output, model_path=loaded.path, recipe=recipe, pipeline=result,
                           seconds=time.perf_counter() - started, num_layers=num_layers,
-                          calibration_tokens=0 if samples is None else samples.numel())
+                          calibration_tokens=0 if samples is None else samples.numel(), sparsity=sparsity)
+
+
+def _record_sparsity(loaded, recipe: Recipe) -> SparsityReport | None:
+    """For a pruning step: how sparse each pruned linear came out, also put in the model's config
+    (``sparsity_config``) so the checkpoint records it; None when nothing was pruned."""
+    from quantkit.sparsity.step import SparsityStep
+
+    step = next((s for s in recipe.steps if isinstance(s, SparsityStep)), None)
+    if step is None:
+        return None
+    from quantkit.sparsity.checkpoint import attach_sparsity_config
+    from quantkit.sparsity.targets import sparsity_report
+
+    report = sparsity_report(loaded.model, loaded.adapter, step.structure(), step.sparsity, step.target_scheme())
+    attach_sparsity_config(loaded.model, report)
+    return report
 
 
 def _calibration_samples(loaded, recipe: Recipe) -> torch.Tensor:

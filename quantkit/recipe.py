@@ -27,8 +27,10 @@ import yaml
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.scheme import QuantScheme, parse_scheme
+from quantkit.sparsity.step import SPARSITY_METHODS, SparsityStep, parse_sparsity_step
 
 FORMATS = ("gptq", "awq", "compressed-tensors")
+DENSE_FORMAT = "dense"  # float weights: a pruning step that quantizes nothing
 # Options each method accepts in a recipe step, with their types; ranges are checked by the
 # method's own config class when the recipe is loaded.
 METHOD_OPTIONS: dict[str, dict[str, type]] = {
@@ -93,7 +95,7 @@ class WeightQuantStep:
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: tuple[WeightQuantStep, ...]
+    steps: tuple[WeightQuantStep | SparsityStep, ...]
     name: str = "custom"
     description: str = ""
     format: str = "gptq"
@@ -102,6 +104,11 @@ class Recipe:
     @property
     def needs_calibration(self) -> bool:
         return any(step.needs_calibration for step in self.steps)
+
+    @property
+    def quantizes(self) -> bool:
+        """False for a pruning-only recipe, whose checkpoint holds dense float weights."""
+        return any(getattr(step, "quantizes", True) for step in self.steps)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -122,6 +129,8 @@ def _as_dict(obj) -> dict[str, Any]:
 
 
 def _step_dict(step: WeightQuantStep) -> dict[str, Any]:
+    if hasattr(step, "to_dict"):
+        return step.to_dict()
     out = {name: value for name, value in _as_dict(step).items() if name != "options"}
     out.update(dict(step.options))
     return out
@@ -153,7 +162,13 @@ def recipe_from_dict(data: Any) -> Recipe:
     steps = tuple(_parse_step(item, f"steps[{i}]") for i, item in enumerate(steps_data))
     if len(steps) > 1:
         raise QuantkitError("steps: a recipe quantizes the weights once; give one weight-quantization step")
-    fmt = _choice(data.get("format", "gptq"), FORMATS, "format")
+    quantizes = any(getattr(step, "quantizes", True) for step in steps)
+    fmt = _choice(data.get("format", "gptq" if quantizes else DENSE_FORMAT), FORMATS + (DENSE_FORMAT,), "format")
+    if quantizes == (fmt == DENSE_FORMAT):
+        raise QuantkitError("format: dense holds float weights, but the recipe quantizes; choose gptq, awq or "
+                            "compressed-tensors" if quantizes else
+                            f"format: the recipe prunes without quantizing, so its checkpoint holds dense float "
+                            f"weights; use format: dense (or give the sparsegpt step a scheme), not {fmt}")
     calibration = _parse_calibration(data.get("calibration", {}) or {})
     return Recipe(steps=steps, name=str(data.get("name", "custom")),
                   description=str(data.get("description", "")), format=fmt, calibration=calibration)
@@ -172,10 +187,12 @@ def weight_quant_recipe(scheme: str, *, group_size: int = 128, symmetric: bool =
     return recipe_from_dict(data)
 
 
-def _parse_step(item: Any, where: str) -> WeightQuantStep:
+def _parse_step(item: Any, where: str) -> WeightQuantStep | SparsityStep:
     if not isinstance(item, dict):
         raise QuantkitError(f"{where}: must be a mapping with a 'method' field")
-    method = _choice(item.get("method"), WEIGHT_METHODS, f"{where}.method")
+    if item.get("method") in SPARSITY_METHODS:
+        return parse_sparsity_step(item, where)
+    method = _choice(item.get("method"), WEIGHT_METHODS + SPARSITY_METHODS, f"{where}.method")
     allowed_options = METHOD_OPTIONS[method]
     _reject_unknown(item, set(COMMON_STEP_FIELDS) | set(allowed_options), where)
     scheme = item.get("scheme", "w4a16")

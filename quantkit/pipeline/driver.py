@@ -24,11 +24,17 @@ from quantkit.pipeline.data_parallel import DataParallel
 from quantkit.quant.scheme import check_group_size
 from quantkit.quant.weights import weight_out_in
 from quantkit.recipe import Recipe, WeightQuantStep
+from quantkit.sparsity.step import SparsityStep
+from quantkit.sparsity.targets import check_sparsity_fits
 
 
 def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -> None:
     """Fail before any work when a step cannot apply to some layer (a group size that does not divide it)."""
+    for sparsity_step in (s for s in recipe.steps if isinstance(s, SparsityStep)):
+        check_sparsity_fits(model, adapter, sparsity_step)  # N:M and, when it quantizes, its group size
     (step,) = recipe.steps
+    if isinstance(step, SparsityStep):
+        return
     scheme = step.quant_scheme()
     prefix = adapter.layer_prefix(model)
     for index, layer in enumerate(adapter.decoder_layers(model)):
@@ -69,6 +75,9 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
             replay_budget_bytes = default_replay_budget(batches, device)
     result = PipelineResult(quantized={}, layers=[], skipped=[])
     prefix, scheme = adapter.layer_prefix(model), step.quant_scheme()
+    sparsity_step = next((s for s in recipe.steps if isinstance(s, SparsityStep)), None)
+    if sparsity_step is not None:
+        scheme = sparsity_step.target_scheme()  # the layers it prunes (and quantizes, with a scheme)
     for index, layer in enumerate(layers):
         started = time.perf_counter()
         home = _device_of(layer)
@@ -94,6 +103,8 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
 
 
 def _layer_method(step: WeightQuantStep) -> Callable[[LayerContext], None]:
+    if isinstance(step, SparsityStep):
+        return _pruning_method(step)
     if step.method == "rtn":
         from quantkit.pipeline.rtn_step import quantize_layer_rtn
 
@@ -109,6 +120,20 @@ def _layer_method(step: WeightQuantStep) -> Callable[[LayerContext], None]:
         config = step.awq_config()
         return lambda ctx: quantize_layer_awq(ctx, config)
     raise ValueError(f"unknown method {step.method!r}")
+
+
+def _pruning_method(step: SparsityStep) -> Callable[[LayerContext], None]:
+    if step.method == "magnitude":
+        from quantkit.pipeline.magnitude_step import prune_layer_magnitude
+
+        return lambda ctx: prune_layer_magnitude(ctx, step)
+    if step.method == "wanda":
+        from quantkit.pipeline.wanda_step import prune_layer_wanda
+
+        return lambda ctx: prune_layer_wanda(ctx, step)
+    from quantkit.pipeline.sparsegpt_step import prune_layer_sparsegpt
+
+    return lambda ctx: prune_layer_sparsegpt(ctx, step)
 
 
 def default_replay_budget(batches: list[LayerBatch], device: torch.device) -> int:
