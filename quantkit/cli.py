@@ -98,15 +98,31 @@ def quantize(
         "layer_output_errors": [r.output_error for r in layers] if plan.needs_calibration else None,
         "peak_device_bytes": result.pipeline.peak_device_bytes,
     }
+    if result.sparsity is not None:
+        summary["sparsity"] = result.sparsity.to_dict()
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
     out = Console()
+    if result.sparsity is not None:
+        _render_pruned(plan, result, model, out)
+        return
     step = plan.steps[0]
     out.print(f"[bold green]wrote[/] {result.output}  ({len(result.pipeline.quantized)} layers, {step.method} "
               f"{step.quant_scheme().name}, {plan.format} layout, {result.seconds:.1f}s)", soft_wrap=True)
     out.print(f"compare with: quantkit eval {result.output} --baseline {model or 'quantkit-target'}",
               soft_wrap=True)
+
+
+def _render_pruned(plan, result, model, out: Console) -> None:
+    from quantkit.sparsity.render import render_sparsity
+    from quantkit.sparsity.step import SparsityStep
+
+    step = next(s for s in plan.steps if isinstance(s, SparsityStep))
+    render_sparsity(result.sparsity, out)
+    out.print(f"[bold green]wrote[/] {result.output}  ({len(result.sparsity.linears)} linears pruned, {step.name}, "
+              f"{plan.format} layout, {result.seconds:.1f}s)", soft_wrap=True)
+    out.print(f"compare with: quantkit eval {result.output} --baseline {model or 'quantkit-target'}", soft_wrap=True)
 
 
 def _run_compress(model, plan, output, overwrite, device, batch_size, offload_activations, show_progress: bool):

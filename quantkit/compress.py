@@ -59,11 +59,8 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
     result = quantize_model(loaded.model, loaded.adapter, recipe, device=device, samples=samples,
                             batch_size=batch_size, offload_activations=offload_activations, on_layer=on_layer)
     sparsity = _record_sparsity(loaded, recipe)
-    if sparsity is not None and not recipe.quantizes:
-        from quantkit.sparsity.checkpoint import save_dense_checkpoint, storage_dtype
-
-        save_dense_checkpoint(loaded.model, loaded.tokenizer, output, dtype=storage_dtype(loaded.path),
-                              overwrite=overwrite)
+    if sparsity is not None:
+        _save_pruned(recipe, loaded, result, output, overwrite)
         return CompressResult(output=output, model_path=loaded.path, recipe=recipe, pipeline=result,
                               seconds=time.perf_counter() - started, num_layers=num_layers,
                               calibration_tokens=0 if samples is None else samples.numel(), sparsity=sparsity)
@@ -74,6 +71,24 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
     return CompressResult(output=output, model_path=loaded.path, recipe=recipe, pipeline=result,
                           seconds=time.perf_counter() - started, num_layers=num_layers,
                           calibration_tokens=0 if samples is None else samples.numel(), sparsity=sparsity)
+
+
+def _save_pruned(recipe: Recipe, loaded, result: PipelineResult, output: Path, overwrite: bool) -> None:
+    """A pruned model: dense float weights (the source's storage dtype), or, when SparseGPT also
+    quantized the survivors, the recipe's quantized layout; config.json carries sparsity_config."""
+    from quantkit.formats import save_checkpoint
+    from quantkit.sparsity.checkpoint import save_dense_checkpoint, storage_dtype
+    from quantkit.sparsity.step import SparsityStep
+
+    step = next(s for s in recipe.steps if isinstance(s, SparsityStep))
+    if not step.quantizes:
+        save_dense_checkpoint(loaded.model, loaded.tokenizer, output, dtype=storage_dtype(loaded.path),
+                              overwrite=overwrite)
+        return
+    algorithm_config = {"method": step.method, "recipe": recipe.name, "mask_structure": step.mask_structure,
+                        "sparsity": step.sparsity, **dict(step.options)}
+    save_checkpoint(recipe.format, loaded.model, loaded.tokenizer, result.quantized, step.quant_scheme(), output,
+                    overwrite=overwrite, algorithm_config=algorithm_config)
 
 
 def _record_sparsity(loaded, recipe: Recipe) -> SparsityReport | None:

@@ -8,13 +8,17 @@ from quantkit.recipe import load_recipe, recipe_from_dict, weight_quant_recipe
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
-@pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
+# distill.yaml configures `quantkit distill`, not a compression run (tests/distill loads it)
+SHIPPED = sorted(path for path in RECIPES.glob("*.yaml") if path.name != "distill.yaml")
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(path)
-    assert recipe.steps and recipe.format in ("gptq", "awq", "compressed-tensors")
-    assert recipe.needs_calibration == (recipe.steps[0].method != "rtn")
+    assert recipe.steps and recipe.format in ("gptq", "awq", "compressed-tensors", "dense")
+    assert recipe.needs_calibration == (recipe.steps[0].method not in ("rtn", "magnitude"))
     scheme = recipe.steps[0].quant_scheme()
-    assert scheme.bits in (2, 3, 4, 8)
+    assert scheme.bits in (2, 3, 4, 8) if recipe.quantizes else scheme is None
 
 
 def test_recipe_fields_become_a_scheme():

@@ -81,6 +81,9 @@ def save_dense_checkpoint(model, tokenizer, out_dir: Path | str, *, dtype: torch
             model.to(original)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():  # transformers may write through 0600 temporary files
+            if path.is_file():
+                path.chmod(0o644)
     return out_dir
 
 
