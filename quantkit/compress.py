@@ -64,10 +64,7 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
         return CompressResult(output=output, model_path=loaded.path, recipe=recipe, pipeline=result,
                               seconds=time.perf_counter() - started, num_layers=num_layers,
                               calibration_tokens=0 if samples is None else samples.numel(), sparsity=sparsity)
-    (step,) = recipe.steps
-    save_checkpoint(recipe.format, loaded.model, loaded.tokenizer, result.quantized, step.quant_scheme(), output,
-                    overwrite=overwrite, algorithm_config={"method": step.method, "recipe": recipe.name,
-                                                           **dict(step.options)})
+    _save(recipe, loaded, result, output, overwrite)
     return CompressResult(output=output, model_path=loaded.path, recipe=recipe, pipeline=result,
                           seconds=time.perf_counter() - started, num_layers=num_layers,
                           calibration_tokens=0 if samples is None else samples.numel(), sparsity=sparsity)
@@ -105,6 +102,28 @@ def _record_sparsity(loaded, recipe: Recipe) -> SparsityReport | None:
     report = sparsity_report(loaded.model, loaded.adapter, step.structure(), step.sparsity, step.target_scheme())
     attach_sparsity_config(loaded.model, report)
     return report
+
+
+def _save(recipe: Recipe, loaded, result: PipelineResult, output: Path, overwrite: bool) -> None:
+    """Write the checkpoint in the recipe's layout: 8-bit weights (or float weights with a
+    quantized KV cache) in compressed-tensors' 8-bit formats, weight-only schemes in theirs."""
+    from quantkit.formats import save_checkpoint
+    from quantkit.recipe_w8a8 import EightBitStep
+
+    step, kv_cache = recipe.weight_step, recipe.kv_cache_step
+    if step is None or isinstance(step, EightBitStep):
+        from quantkit.formats.compressed_tensors_8bit import save_8bit_checkpoint
+
+        save_8bit_checkpoint(loaded.model, loaded.tokenizer, result.quantized, step, kv_cache, output,
+                             overwrite=overwrite)
+        return
+    algorithm_config = {"method": step.method, "recipe": recipe.name, **dict(step.options)}
+    if kv_cache is not None:
+        from quantkit.quant.kv_cache import kv_cache_scheme_args
+
+        algorithm_config["kv_cache_scheme"] = kv_cache_scheme_args(kv_cache.type, kv_cache.strategy)
+    save_checkpoint(recipe.format, loaded.model, loaded.tokenizer, result.quantized, step.quant_scheme(), output,
+                    overwrite=overwrite, algorithm_config=algorithm_config)
 
 
 def _calibration_samples(loaded, recipe: Recipe) -> torch.Tensor:

@@ -27,6 +27,7 @@ import yaml
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.scheme import QuantScheme, parse_scheme
+from quantkit.recipe_w8a8 import W8A8_METHODS, EightBitStep, KVCacheStep, SmoothQuantStep, check_step_order, parse_w8a8_step
 from quantkit.sparsity.step import SPARSITY_METHODS, SparsityStep, parse_sparsity_step
 
 FORMATS = ("gptq", "awq", "compressed-tensors")
@@ -95,7 +96,7 @@ class WeightQuantStep:
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: tuple[WeightQuantStep | SparsityStep, ...]
+    steps: tuple[WeightQuantStep | SmoothQuantStep | EightBitStep | KVCacheStep, ...]
     name: str = "custom"
     description: str = ""
     format: str = "gptq"
@@ -109,6 +110,28 @@ class Recipe:
     def quantizes(self) -> bool:
         """False for a pruning-only recipe, whose checkpoint holds dense float weights."""
         return any(getattr(step, "quantizes", True) for step in self.steps)
+
+    @property
+    def weight_step(self) -> WeightQuantStep | EightBitStep | None:
+        """The step that quantizes the weights (rtn, gptq, awq or w8a8), if any."""
+        return next((step for step in self.steps if isinstance(step, (WeightQuantStep, EightBitStep))), None)
+
+    @property
+    def kv_cache_step(self) -> KVCacheStep | None:
+        return next((step for step in self.steps if isinstance(step, KVCacheStep)), None)
+
+    @property
+    def summary(self) -> str:
+        """One line naming each step: ``smoothquant α=0.5 + w8a8-int8-channel-dynamic + kv-fp8-attn_head``."""
+        parts = []
+        for step in self.steps:
+            if isinstance(step, WeightQuantStep):
+                parts.append(f"{step.method} {step.quant_scheme().name}")
+            elif isinstance(step, SmoothQuantStep):
+                parts.append("smoothquant " + ("α searched" if step.alpha_search else f"α={step.alpha:g}"))
+            else:
+                parts.append(step.name)
+        return " + ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -132,7 +155,7 @@ def _step_dict(step: WeightQuantStep) -> dict[str, Any]:
     if hasattr(step, "to_dict"):
         return step.to_dict()
     out = {name: value for name, value in _as_dict(step).items() if name != "options"}
-    out.update(dict(step.options))
+    out.update(dict(getattr(step, "options", ())))
     return out
 
 
@@ -160,8 +183,6 @@ def recipe_from_dict(data: Any) -> Recipe:
     if not isinstance(steps_data, list) or not steps_data:
         raise QuantkitError("steps: must be a non-empty list of steps")
     steps = tuple(_parse_step(item, f"steps[{i}]") for i, item in enumerate(steps_data))
-    if len(steps) > 1:
-        raise QuantkitError("steps: a recipe quantizes the weights once; give one weight-quantization step")
     quantizes = any(getattr(step, "quantizes", True) for step in steps)
     fmt = _choice(data.get("format", "gptq" if quantizes else DENSE_FORMAT), FORMATS + (DENSE_FORMAT,), "format")
     if quantizes == (fmt == DENSE_FORMAT):
@@ -169,6 +190,7 @@ def recipe_from_dict(data: Any) -> Recipe:
                             "compressed-tensors" if quantizes else
                             f"format: the recipe prunes without quantizing, so its checkpoint holds dense float "
                             f"weights; use format: dense (or give the sparsegpt step a scheme), not {fmt}")
+    check_step_order(steps, fmt)
     calibration = _parse_calibration(data.get("calibration", {}) or {})
     return Recipe(steps=steps, name=str(data.get("name", "custom")),
                   description=str(data.get("description", "")), format=fmt, calibration=calibration)
@@ -187,12 +209,14 @@ def weight_quant_recipe(scheme: str, *, group_size: int = 128, symmetric: bool =
     return recipe_from_dict(data)
 
 
-def _parse_step(item: Any, where: str) -> WeightQuantStep | SparsityStep:
+def _parse_step(item: Any, where: str) -> WeightQuantStep | SmoothQuantStep | EightBitStep | KVCacheStep:
     if not isinstance(item, dict):
         raise QuantkitError(f"{where}: must be a mapping with a 'method' field")
     if item.get("method") in SPARSITY_METHODS:
         return parse_sparsity_step(item, where)
-    method = _choice(item.get("method"), WEIGHT_METHODS + SPARSITY_METHODS, f"{where}.method")
+    if item.get("method") in W8A8_METHODS:
+        return parse_w8a8_step(item, where)
+    method = _choice(item.get("method"), WEIGHT_METHODS + W8A8_METHODS + SPARSITY_METHODS, f"{where}.method")
     allowed_options = METHOD_OPTIONS[method]
     _reject_unknown(item, set(COMMON_STEP_FIELDS) | set(allowed_options), where)
     scheme = item.get("scheme", "w4a16")

@@ -67,6 +67,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,6 +100,7 @@ class ConfigGroups:
 
     path: Path | str
     groups: list[dict]
+    kv_cache_scheme: dict | None = None
 
 
 def compressed_tensors_quantization_config(
@@ -109,7 +111,9 @@ def compressed_tensors_quantization_config(
 ) -> dict:
     """The ``quantization_config`` entry that compressed-tensors, transformers and vLLM read.
 
-    ``algorithm_config`` is accepted like every layout's; this config has no place for it.
+    ``algorithm_config`` is accepted like every layout's; this config has no place for it, except
+    its ``kv_cache_scheme`` (a quantized KV cache, whose scales the attention modules hold:
+    ``quantkit.formats.compressed_tensors_8bit``).
     """
     return {
         "quant_method": QUANT_METHOD,
@@ -125,7 +129,7 @@ def compressed_tensors_quantization_config(
             }
         },
         "ignore": float_linears(model, quantized),
-        "kv_cache_scheme": None,
+        "kv_cache_scheme": (algorithm_config or {}).get("kv_cache_scheme"),
         "global_compression_ratio": None,
         "sparsity_config": {},
         "transform_config": {},
@@ -157,7 +161,29 @@ def _check(
 
 
 def _read_settings(path: Path | str) -> ConfigGroups:
-    return ConfigGroups(path, _read_config_groups(path))
+    qcfg = read_config_json(path).get("quantization_config") or {}
+    return ConfigGroups(path, _read_config_groups(path), qcfg.get("kv_cache_scheme"))
+
+
+def _install_kv_cache_scales(model: nn.Module, tensors: dict[str, torch.Tensor], settings: ConfigGroups) -> None:
+    from quantkit.formats.compressed_tensors_8bit import install_kv_cache_scales
+
+    install_kv_cache_scales(model, tensors, settings.kv_cache_scheme, settings.path)
+
+
+@dataclass(frozen=True)
+class _CompressedTensorsLayout(QuantizedLayout):
+    """``pack-quantized`` folders load here; the 8-bit formats (``int-quantized``,
+    ``float-quantized``, and ``dense`` with a quantized KV cache) in ``compressed_tensors_8bit``."""
+
+    def load(self, path: Path | str, *, dtype: torch.dtype | str = torch.float32,
+             device: str | torch.device = "cpu") -> Any:
+        from quantkit.formats.compressed_tensors_8bit import EIGHT_BIT_FORMATS, load_8bit_checkpoint
+
+        qcfg = read_config_json(path).get("quantization_config")
+        if isinstance(qcfg, dict) and qcfg.get("format") in EIGHT_BIT_FORMATS:
+            return load_8bit_checkpoint(path, dtype=dtype, device=device)
+        return super().load(path, dtype=dtype, device=device)
 
 
 def _read_config_groups(path: Path | str) -> list[dict]:
@@ -272,7 +298,7 @@ def _empty_layer(
     )
 
 
-LAYOUT = QuantizedLayout(
+LAYOUT = _CompressedTensorsLayout(
     name="compressed-tensors",
     marker="weight_packed",
     layer_class=PackQuantizedLinear,
@@ -280,6 +306,7 @@ LAYOUT = QuantizedLayout(
     quantization_config=compressed_tensors_quantization_config,
     read_settings=_read_settings,
     empty_layer=_empty_layer,
+    prepare_model=_install_kv_cache_scales,
 )
 save_compressed_tensors = LAYOUT.save
 load_compressed_tensors_model = LAYOUT.load

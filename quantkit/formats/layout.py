@@ -65,6 +65,8 @@ class QuantizedLayout:
     empty_layer: Callable[[nn.Module, str, dict[str, torch.Tensor], Any], DequantLinear]
     optional_tensors: tuple[str, ...] = ()  # packed-layer tensors a checkpoint may leave out
     extra_files: Callable[[dict], dict[str, str]] = no_extra_files
+    # (model, remaining tensors, settings) before the float tensors load: takes what else the layout stores
+    prepare_model: Callable[[nn.Module, dict[str, torch.Tensor], Any], None] | None = None
 
     def save(
         self,
@@ -115,4 +117,6 @@ class QuantizedLayout:
                     f"layer '{name}' of '{path}' does not fit the {self.name} layout: {exc}"
                 ) from None
             install_layer(model, name, layer, tensors, self.name, self.optional_tensors)
+        if self.prepare_model is not None:
+            self.prepare_model(model, tensors, settings)
         return finish_loading(model, tensors, dtype, path, device)

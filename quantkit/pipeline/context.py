@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -53,6 +54,7 @@ class LayerContext:
     report: LayerReport
     replay_budget_bytes: int = 0
     data_parallel: DataParallel | None = None  # sum statistics over ranks before acting on them
+    cleanups: list[Callable[[], None]] = field(default_factory=list)  # run once the layer is done
     _finished: set[str] = field(default_factory=set)
 
     def full_name(self, relative: str) -> str:

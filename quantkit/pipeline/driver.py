@@ -21,9 +21,10 @@ from quantkit.models.adapters import ModelAdapter
 from quantkit.pipeline.capture import LayerBatch, capture_first_layer_inputs, run_layer
 from quantkit.pipeline.context import LayerContext, LayerReport, PipelineResult
 from quantkit.pipeline.data_parallel import DataParallel
-from quantkit.quant.scheme import check_group_size
+from quantkit.quant.scheme import QuantScheme, check_group_size
 from quantkit.quant.weights import weight_out_in
 from quantkit.recipe import Recipe, WeightQuantStep
+from quantkit.recipe_w8a8 import EightBitStep, KVCacheStep, SmoothQuantStep
 from quantkit.sparsity.step import SparsityStep
 from quantkit.sparsity.targets import check_sparsity_fits
 
@@ -32,9 +33,9 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
     """Fail before any work when a step cannot apply to some layer (a group size that does not divide it)."""
     for sparsity_step in (s for s in recipe.steps if isinstance(s, SparsityStep)):
         check_sparsity_fits(model, adapter, sparsity_step)  # N:M and, when it quantizes, its group size
-    (step,) = recipe.steps
-    if isinstance(step, SparsityStep):
-        return
+    step = recipe.weight_step
+    if not isinstance(step, WeightQuantStep):
+        return  # 8-bit weights have no groups; a KV-cache-only recipe has no weight step
     scheme = step.quant_scheme()
     prefix = adapter.layer_prefix(model)
     for index, layer in enumerate(adapter.decoder_layers(model)):
@@ -58,23 +59,25 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
     With ``data_parallel`` (``DataParallel.current()`` under torchrun), ``samples`` are this rank's
     share and the statistics are summed over ranks, so every rank computes the same weights.
     """
-    (step,) = recipe.steps
+    step = recipe.weight_step
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    method = _layer_method(step)
+    method = _layer_methods(recipe)
     layers = adapter.decoder_layers(model)
     batches = None
-    if step.needs_calibration:
+    if recipe.needs_calibration:
         if samples is None:
-            raise ValueError(f"method '{step.method}' needs calibration samples")
+            needing = [s.method for s in recipe.steps if s.needs_calibration]
+            raise ValueError(f"method '{needing[0]}' needs calibration samples")
         storage = torch.device("cpu") if offload_activations else device
         batches = capture_first_layer_inputs(model, layers, samples, device=device, batch_size=batch_size,
                                              storage=storage)
         if replay_budget_bytes is None:
             replay_budget_bytes = default_replay_budget(batches, device)
     result = PipelineResult(quantized={}, layers=[], skipped=[])
-    prefix, scheme = adapter.layer_prefix(model), step.quant_scheme()
+    prefix = adapter.layer_prefix(model)
+    scheme = step.quant_scheme() if step is not None else QuantScheme()
     sparsity_step = next((s for s in recipe.steps if isinstance(s, SparsityStep)), None)
     if sparsity_step is not None:
         scheme = sparsity_step.target_scheme()  # the layers it prunes (and quantizes, with a scheme)
@@ -92,6 +95,8 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # offloaded outputs are copied asynchronously
             report.output_error = _relative(batches[0].hidden, reference)
+        for cleanup in ctx.cleanups:
+            cleanup()
         layer.to(home)
         report.seconds = time.perf_counter() - started
         result.layers.append(report)
@@ -102,9 +107,33 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
     return result
 
 
-def _layer_method(step: WeightQuantStep) -> Callable[[LayerContext], None]:
+def _layer_methods(recipe: Recipe) -> Callable[[LayerContext], None]:
+    """One function running every step of the recipe on a layer, in the recipe's order."""
+    methods = [_layer_method(step, recipe.steps[i + 1] if i + 1 < len(recipe.steps) else None)
+               for i, step in enumerate(recipe.steps)]
+
+    def run(ctx: LayerContext) -> None:
+        for method in methods:
+            method(ctx)
+
+    return run
+
+
+def _layer_method(step, following=None) -> Callable[[LayerContext], None]:
     if isinstance(step, SparsityStep):
         return _pruning_method(step)
+    if isinstance(step, SmoothQuantStep):
+        from quantkit.pipeline.w8a8_step import smooth_layer
+
+        return lambda ctx: smooth_layer(ctx, step, following)
+    if isinstance(step, EightBitStep):
+        from quantkit.pipeline.w8a8_step import quantize_layer_w8a8
+
+        return lambda ctx: quantize_layer_w8a8(ctx, step)
+    if isinstance(step, KVCacheStep):
+        from quantkit.pipeline.kv_cache_step import calibrate_layer_kv
+
+        return lambda ctx: calibrate_layer_kv(ctx, step)
     if step.method == "rtn":
         from quantkit.pipeline.rtn_step import quantize_layer_rtn
 

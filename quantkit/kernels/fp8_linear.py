@@ -1,0 +1,80 @@
+"""FP8 (e4m3) linear: W8A8 with dynamic per-token or static per-tensor activation scales, and W8A16
+(FP8 weights, 16-bit activations). Implementations:
+
+* ``fp8_linear_reference``: plain torch, runs anywhere: codes widened to float32, products summed
+  in float32 (each e4m3 product is exact in float32), scales applied after;
+* ``fp8_linear_scaled_mm``: ``torch._scaled_mm`` (cuBLASLt FP8 on Hopper/Ada) with row-wise
+  scales — the activation scale per row of x, the weight scale per column of Wᵀ — applied in its
+  epilogue, output in x's dtype; activations quantized by the Triton kernel on CUDA;
+* W8A16: the weight widened to x's dtype and scaled, then a 16-bit matmul (no fused kernel yet:
+  it saves memory, not time).
+
+``fp8_linear`` picks ``torch._scaled_mm`` on CUDA devices of compute capability 8.9 or more and
+the reference elsewhere (and with ``QUANTKIT_KERNELS=reference``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from quantkit.kernels.backend import kernel_mode, use_triton
+from quantkit.kernels.w8a8 import W8A8Weight
+from quantkit.quant.w8a8 import quantize_activation, w8a8_matmul_reference
+
+
+def _check(packed: W8A8Weight) -> None:
+    if packed.type != "float":
+        raise ValueError(f"fp8_linear takes FP8 weights, got {packed.type}")
+
+
+def fp8_weight_only(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A16: ``x @ (scale · W).T`` in x's dtype."""
+    weight = (packed.weight.to(torch.float32) * packed.weight_scale.reshape(-1, 1)).to(x.dtype)
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype))
+
+
+def fp8_linear_reference(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    _check(packed)
+    if packed.activations == "none":
+        return fp8_weight_only(x, packed, bias)
+    x2 = x.reshape(-1, packed.in_features)
+    xq, x_scale = quantize_activation(x2, "float", packed.input_scale)
+    y = w8a8_matmul_reference(xq, x_scale, packed.weight, packed.weight_scale, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], packed.out_features)
+
+
+def fp8_linear_scaled_mm(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None,
+                         quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``torch._scaled_mm`` with row-wise scales; ``quantized`` = (codes, scale) when done already."""
+    _check(packed)
+    if packed.activations == "none":
+        return fp8_weight_only(x, packed, bias)
+    x2 = x.reshape(-1, packed.in_features)
+    if quantized is None:
+        if use_triton(x2):
+            from quantkit.kernels.act_quant_triton import quantize_activation_triton
+
+            quantized = quantize_activation_triton(x2, "float", packed.input_scale)
+        else:
+            quantized = quantize_activation(x2, "float", packed.input_scale)
+    xq, x_scale = quantized
+    m = xq.shape[0]
+    out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    # row-wise scaling wants (M, 1) and (1, N) float32 scales
+    scale_a = x_scale.reshape(-1, 1).expand(m, 1).contiguous()
+    scale_b = packed.weight_scale.reshape(1, -1)
+    y = torch._scaled_mm(xq, packed.weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
+                         bias=None if bias is None else bias.to(out_dtype))
+    return y.to(x.dtype).reshape(*x.shape[:-1], packed.out_features)
+
+
+def fp8_supported(device: torch.device) -> bool:
+    """CUDA devices with FP8 tensor cores (compute capability 8.9: Ada; 9.0: Hopper)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_linear(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` with FP8 weights (and FP8 activations unless weight-only); x's dtype out."""
+    if kernel_mode() != "reference" and fp8_supported(x.device):
+        return fp8_linear_scaled_mm(x, packed, bias)
+    return fp8_linear_reference(x, packed, bias)

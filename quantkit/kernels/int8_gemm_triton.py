@@ -1,0 +1,129 @@
+"""INT8 GEMM in Triton with the scales applied in the epilogue.
+
+``out[m, n] = (Σ_k a[m, k] · b[n, k]) · a_scale[m] · b_scale[n] (+ bias[n])``: a (M, K) int8
+activations, b (N, K) int8 weight (row-major, read as its (K, N) transpose), the sum in int32 on
+the tensor cores, then float32 scaling and one store in the output dtype — no int32 round trip
+through memory as with ``torch._int_mm`` followed by torch ops. Programs walk the output tiles in
+groups of GROUP_M row tiles so neighbouring programs share weight tiles in L2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class Int8GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def choose_int8_config(m: int, n: int) -> Int8GemmConfig:
+    """Starting tiles by the number of rows (``scripts/gpu/bench_w8a8_gemm.py --sweep`` measures
+    alternatives on the GPU): narrow N tiles for decode so enough programs stream the weight,
+    128 x 256 tiles with 8 warps once the GEMM is compute-bound."""
+    if m <= 16:
+        return Int8GemmConfig(16, 32 if n <= 8192 else 64, 256, group_m=1, num_warps=4, num_stages=4)
+    if m <= 64:
+        return Int8GemmConfig(64, 64, 128, num_warps=4, num_stages=4)
+    if m <= 256:
+        return Int8GemmConfig(128, 128, 128, num_warps=8, num_stages=3)
+    return Int8GemmConfig(128, 256, 128, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _int8_gemm_kernel(
+    a_ptr,
+    b_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_am,
+    stride_bn,
+    stride_om,
+    A_PER_ROW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # rows and columns past the edge read a valid row instead (their results are not stored)
+    safe_m = tl.where(rm < M, rm, 0).to(tl.int64)
+    safe_n = tl.where(rn < N, rn, 0).to(tl.int64)
+    a_ptrs = a_ptr + safe_m[:, None] * stride_am + rk[None, :]
+    b_ptrs = b_ptr + safe_n[None, :] * stride_bn + rk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=(k0 + rk)[None, :] < K, other=0)
+            b = tl.load(b_ptrs, mask=(k0 + rk)[:, None] < K, other=0)
+        acc += tl.dot(a, b, out_dtype=tl.int32)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+
+    m_valid = rm < M
+    n_valid = rn < N
+    if A_PER_ROW:
+        a_scale = tl.load(a_scale_ptr + rm, mask=m_valid, other=0.0)
+    else:
+        a_scale = tl.load(a_scale_ptr + rm * 0)
+    b_scale = tl.load(b_scale_ptr + rn, mask=n_valid, other=0.0)
+    out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + rn, mask=n_valid, other=0.0).to(tl.float32)[None, :]
+    out_ptrs = out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :]
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_valid[:, None] & n_valid[None, :])
+
+
+def int8_gemm_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                     bias: torch.Tensor | None, out_dtype: torch.dtype,
+                     config: Int8GemmConfig | None = None) -> torch.Tensor:
+    """(M, N) in ``out_dtype`` from a (M, K) int8, a_scale (M, 1) or (1,), b (N, K) int8, b_scale (N,)."""
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k:
+        raise ValueError(f"a is (M, {k}) but b is {tuple(b.shape)}")
+    a = a if a.stride(-1) == 1 else a.contiguous()
+    b = b if b.stride(-1) == 1 else b.contiguous()
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    config = config or choose_int8_config(m, n)
+    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+    _int8_gemm_kernel[grid](
+        a, b, a_scale.reshape(-1), b_scale.reshape(-1), bias if bias is not None else b_scale, out,
+        m, n, k, a.stride(0), b.stride(0), out.stride(0),
+        A_PER_ROW=a_scale.numel() != 1 or m == 1, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,90 @@
+"""W8A8 INT8 linear: quantize the activations (per token or with a static scale), multiply in int8
+with int32 sums, scale in the epilogue. Three implementations of one function:
+
+* ``int8_linear_reference``: plain torch, exact (``quant.w8a8.w8a8_matmul_reference``: the int32
+  sums are exact in float64), runs anywhere;
+* ``int8_linear_int_mm``: ``torch._int_mm`` (cuBLASLt int8 on CUDA, also on the CPU) for the sum,
+  then the scales in torch; the same numbers as the reference, bit for bit, on the CPU;
+* ``int8_linear_triton``: the activations quantized by one Triton kernel, the GEMM and its
+  scaled epilogue by another (``int8_gemm_triton``), writing x's dtype directly.
+
+``int8_linear`` picks: Triton on CUDA (``kernels/backend.py``), ``torch._int_mm`` on the CPU
+(exact and much faster than float64), the reference with ``QUANTKIT_KERNELS=reference``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from quantkit.kernels.backend import kernel_mode, use_triton
+from quantkit.kernels.w8a8 import W8A8Weight
+from quantkit.quant.w8a8 import quantize_activation, w8a8_matmul_reference
+
+# torch._int_mm on CUDA needs more than 16 rows and K, N multiples of 8 (cuBLASLt's int8 layout).
+_INT_MM_MIN_ROWS = 17
+
+
+def _check(packed: W8A8Weight) -> None:
+    if packed.type != "int" or packed.activations == "none":
+        raise ValueError(f"int8_linear takes INT8 weights with quantized activations, got {packed.type}/"
+                         f"{packed.activations}")
+
+
+def _flatten(x: torch.Tensor, packed: W8A8Weight) -> torch.Tensor:
+    return x.reshape(-1, packed.in_features)
+
+
+def int8_linear_reference(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    _check(packed)
+    x2 = _flatten(x, packed)
+    xq, x_scale = quantize_activation(x2, "int", packed.input_scale)
+    y = w8a8_matmul_reference(xq, x_scale, packed.weight, packed.weight_scale, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], packed.out_features)
+
+
+def int8_linear_int_mm(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None,
+                       quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``torch._int_mm`` for the int32 sums; ``quantized`` = (codes, scale) when done already."""
+    _check(packed)
+    x2 = _flatten(x, packed)
+    xq, x_scale = quantized if quantized is not None else quantize_activation(x2, "int", packed.input_scale)
+    m = xq.shape[0]
+    if xq.is_cuda and m < _INT_MM_MIN_ROWS:
+        xq = torch.nn.functional.pad(xq, (0, 0, 0, _INT_MM_MIN_ROWS - m))
+    acc = torch._int_mm(xq, packed.weight.t())[:m]
+    y = acc.to(torch.float32).mul_(x_scale.reshape(-1, 1)).mul_(packed.weight_scale.reshape(1, -1))
+    if bias is not None:
+        y += bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], packed.out_features)
+
+
+def int8_linear_triton(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None,
+                       config=None) -> torch.Tensor:
+    from quantkit.kernels.act_quant_triton import quantize_activation_triton
+    from quantkit.kernels.int8_gemm_triton import int8_gemm_triton
+
+    _check(packed)
+    x2 = _flatten(x, packed)
+    xq, x_scale = quantize_activation_triton(x2, "int", packed.input_scale)
+    y = int8_gemm_triton(xq, x_scale, packed.weight, packed.weight_scale, bias, x.dtype, config)
+    return y.reshape(*x.shape[:-1], packed.out_features)
+
+
+def int8_linear(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` with x quantized to INT8 as ``packed`` says; output in x's dtype."""
+    if use_triton(x):
+        return int8_linear_triton(x, packed, bias)
+    if kernel_mode() == "auto" and (x.is_cuda or _cpu_int_mm_works()):
+        return int8_linear_int_mm(x, packed, bias)
+    return int8_linear_reference(x, packed, bias)
+
+
+@functools.cache
+def _cpu_int_mm_works() -> bool:
+    try:
+        a = torch.ones(2, 8, dtype=torch.int8)
+        return bool((torch._int_mm(a, a.t()) == 8).all())
+    except (RuntimeError, AttributeError):
+        return False
