@@ -107,9 +107,8 @@ def quantize(
     if result.sparsity is not None:
         _render_pruned(plan, result, model, out)
         return
-    step = plan.steps[0]
-    out.print(f"[bold green]wrote[/] {result.output}  ({len(result.pipeline.quantized)} layers, {step.method} "
-              f"{step.quant_scheme().name}, {plan.format} layout, {result.seconds:.1f}s)", soft_wrap=True)
+    out.print(f"[bold green]wrote[/] {result.output}  ({len(result.pipeline.quantized)} layers, {plan.summary}, "
+              f"{plan.format} layout, {result.seconds:.1f}s)", soft_wrap=True)
     out.print(f"compare with: quantkit eval {result.output} --baseline {model or 'quantkit-target'}",
               soft_wrap=True)
 

@@ -38,7 +38,8 @@ def round_to_e4m3(y):
     lsb = (bits >> 20) & 1
     bits = (bits + 0x7FFFF + lsb) & -0x100000
     normal = bits.to(tl.float32, bitcast=True)
-    subnormal = _round_half_even(y * 512.0) / 512.0
+    magnitude = _round_half_even(tl.abs(y) * 512.0) / 512.0
+    subnormal = tl.where(y < 0, -magnitude, magnitude)  # keeps -0.0 for small negatives
     return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
 
 

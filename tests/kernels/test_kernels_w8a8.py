@@ -1,0 +1,166 @@
+"""W8A8 INT8 and FP8 linear kernels against their plain-torch references.
+
+CPU: ``torch._int_mm`` is bit-identical to the exact reference; the Triton activation-quantization
+and INT8 GEMM kernels (under TRITON_INTERPRET=1) are too; ``torch._scaled_mm`` agrees to float32
+rounding. GPU (marked ``gpu``): the same comparisons at Llama-shaped sizes in bfloat16.
+"""
+
+import pytest
+import torch
+from kernel_cases import needs_triton
+
+from quantkit.kernels.fp8_linear import fp8_linear, fp8_linear_reference, fp8_linear_scaled_mm
+from quantkit.kernels.int8_linear import int8_linear, int8_linear_int_mm, int8_linear_reference, int8_linear_triton
+from quantkit.kernels.w8a8 import W8A8Weight, pack_w8a8_weights, w8a8_linear
+from quantkit.quant.w8a8 import quantize_activation, quantize_weight, scale_from_absmax
+
+
+def packed_weight(n, k, kind, activations="dynamic", strategy="channel", seed=0, device="cpu", x_absmax=4.0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    input_scale = scale_from_absmax(torch.tensor([x_absmax]), kind) if activations == "static" else None
+    record = quantize_weight(w, kind, strategy, activations, input_scale)
+    return pack_w8a8_weights([record.weight], [record.weight_scale], [record.input_scale], kind, activations, device), w
+
+
+def inputs(m, k, seed=1, dtype=torch.float32, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen)
+    x[:, 3] *= 20  # an outlier channel
+    if m > 2:
+        x[1] = 0.0  # an all-zero token
+    return x.to(device, dtype)
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+@pytest.mark.parametrize("m, k, n", [(1, 96, 40), (5, 256, 24), (33, 100, 72)])
+def test_int_mm_equals_reference_exactly(activations, m, k, n):
+    packed, _ = packed_weight(n, k, "int", activations)
+    x, bias = inputs(m, k), torch.randn(n)
+    want = int8_linear_reference(x, packed, bias)
+    torch.testing.assert_close(int8_linear_int_mm(x, packed, bias), want, rtol=0, atol=0)
+    assert int8_linear(x.reshape(1, m, k), packed, bias).shape == (1, m, n)
+
+
+def test_int8_output_is_close_to_float():
+    packed, w = packed_weight(64, 512, "int")
+    x = inputs(16, 512)
+    got, want = int8_linear_reference(x, packed), x @ w.t()
+    assert float((got - want).norm() / want.norm()) < 0.06  # the 20x outlier channel costs precision
+
+
+@needs_triton
+@pytest.mark.parametrize("kind", ["int", "float"])
+@pytest.mark.parametrize("static", [False, True])
+def test_triton_activation_quantization_equals_torch(kind, static):
+    from quantkit.kernels.act_quant_triton import quantize_activation_triton
+
+    x = inputs(9, 300) * torch.logspace(-2, 2, 300)  # values across many binades
+    scale = scale_from_absmax(torch.tensor([5.0]), kind) if static else None  # static: clips the outliers
+    got_q, got_s = quantize_activation_triton(x, kind, scale)
+    want_q, want_s = quantize_activation(x, kind, scale)
+    assert torch.equal(got_q.view(torch.int8), want_q.view(torch.int8))  # bit patterns, fp8 included
+    assert torch.equal(got_s.reshape(-1), want_s.reshape(-1))
+
+
+@needs_triton
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+@pytest.mark.parametrize("m, k, n", [(1, 96, 40), (20, 256, 72), (70, 136, 24)])
+def test_triton_int8_gemm_equals_reference_exactly(activations, m, k, n):
+    packed, _ = packed_weight(n, k, "int", activations)
+    x, bias = inputs(m, k), torch.randn(n)
+    torch.testing.assert_close(int8_linear_triton(x, packed, bias), int8_linear_reference(x, packed, bias),
+                               rtol=0, atol=0)
+
+
+@needs_triton
+def test_triton_int8_gemm_tiles_beyond_the_matrix():
+    from quantkit.kernels.int8_gemm_triton import Int8GemmConfig
+
+    packed, _ = packed_weight(50, 80, "int")
+    x = inputs(19, 80)
+    config = Int8GemmConfig(block_m=16, block_n=32, block_k=32, group_m=2)  # ragged in every dimension
+    torch.testing.assert_close(int8_linear_triton(x, packed, None, config), int8_linear_reference(x, packed),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "static", "none"])
+def test_scaled_mm_agrees_with_the_fp8_reference(activations):
+    x, bias = inputs(6, 160), torch.randn(48)
+    packed, w = packed_weight(48, 160, "float", activations, x_absmax=float(x.abs().max()))
+    want = fp8_linear_reference(x, packed, bias)
+    got = fp8_linear_scaled_mm(x, packed, bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    exact = x @ w.t() + bias
+    # e4m3 keeps 3 mantissa bits: a few percent relative error per operand
+    assert float((want - exact).norm() / exact.norm()) < (0.04 if activations == "none" else 0.08)
+
+
+def test_fusing_layers_keeps_each_output():
+    parts = [quantize_weight(torch.randn(n, 64), "int", "tensor", "static", torch.tensor([s]))
+             for n, s in ((16, 0.02), (8, 0.05))]
+    fused = pack_w8a8_weights([p.weight for p in parts], [p.weight_scale for p in parts],
+                              [p.input_scale for p in parts], "int", "static")
+    assert fused.weight_scale.shape == (24,) and float(fused.input_scale) == pytest.approx(0.05)
+    x = inputs(4, 64)
+    separate = [int8_linear_reference(x, W8A8Weight(p.weight, p.weight_scale.expand(p.out_features), "int",
+                                                    "static", fused.input_scale)) for p in parts]
+    torch.testing.assert_close(w8a8_linear(x, fused), torch.cat(separate, dim=-1), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="input scale"):
+        pack_w8a8_weights([parts[0].weight], [parts[0].weight_scale], [None], "int", "static")
+
+
+def test_reference_mode_forces_the_reference(monkeypatch):
+    packed, _ = packed_weight(16, 32, "int")
+    x = inputs(3, 32)
+    monkeypatch.setenv("QUANTKIT_KERNELS", "reference")
+    torch.testing.assert_close(int8_linear(x, packed), int8_linear_reference(x, packed), rtol=0, atol=0)
+    fp8, _ = packed_weight(16, 32, "float")
+    torch.testing.assert_close(fp8_linear(x, fp8), fp8_linear_reference(x, fp8), rtol=0, atol=0)
+
+
+# --- GPU -------------------------------------------------------------------------------------------
+
+SHAPES = [(1, 4096, 4096), (16, 4096, 1024), (300, 4096, 14336), (2048, 14336, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activations", ["dynamic", "static"])
+@pytest.mark.parametrize("m, k, n", SHAPES)
+def test_gpu_int8_paths_match_the_reference(activations, m, k, n):
+    packed, _ = packed_weight(n, k, "int", activations, device="cuda")
+    x = inputs(m, k, dtype=torch.bfloat16, device="cuda")
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    want = int8_linear_reference(x.float(), packed, bias.float())
+    for got in (int8_linear_triton(x, packed, bias), int8_linear_int_mm(x, packed, bias), int8_linear(x, packed, bias)):
+        assert got.dtype == torch.bfloat16
+        # same int32 sums; the only difference is the bfloat16 output rounding
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activations", ["dynamic", "static", "none"])
+@pytest.mark.parametrize("m, k, n", SHAPES)
+def test_gpu_fp8_scaled_mm_matches_the_reference(activations, m, k, n):
+    from quantkit.kernels.fp8_linear import fp8_supported
+
+    if not fp8_supported(torch.device("cuda")):
+        pytest.skip("FP8 tensor cores need compute capability 8.9+")
+    packed, _ = packed_weight(n, k, "float", activations, device="cuda")
+    x = inputs(m, k, dtype=torch.bfloat16, device="cuda")
+    want = fp8_linear_reference(x.float(), packed)
+    got = fp8_linear(x, packed)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["int", "float"])
+def test_gpu_activation_quantization_equals_torch(kind):
+    from quantkit.kernels.act_quant_triton import quantize_activation_triton
+
+    x = inputs(64, 4096, dtype=torch.bfloat16, device="cuda")
+    got_q, got_s = quantize_activation_triton(x, kind)
+    want_q, want_s = quantize_activation(x, kind)
+    assert torch.equal(got_q.view(torch.int8), want_q.view(torch.int8))
+    torch.testing.assert_close(got_s, want_s, rtol=0, atol=0)
