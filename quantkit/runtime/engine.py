@@ -144,6 +144,7 @@ class Engine:
     def _speculative_step(self) -> list[RequestOutput]:
         """Like ``step``, with drafts proposed for decoding sequences and verified in the forward."""
         spec = self.speculator
+        started = time.perf_counter()
         out = self.scheduler.schedule(spec.plan(self.scheduler.running))
         spec.release(out.preempted)
         if out.is_empty:
@@ -162,6 +163,9 @@ class Engine:
         self.scheduler.update({seq_id: v.tokens for seq_id, v in verified.items()})
         for seq in sampling:
             self._after_verified(seq, verified[seq.seq_id], before[seq.seq_id])
+        emitted = sum(seq.num_output_tokens - before[seq.seq_id] for seq in sampling)
+        pure_decode = all(s.num_new_tokens - s.num_lookahead == 1 and s.samples for s in out.scheduled)
+        spec.record_step(time.perf_counter() - started, emitted, pure_decode)
         outputs = self._collect(sampling, now)
         spec.release_finished()
         return outputs

@@ -13,6 +13,7 @@ from quantkit.runtime.spec.adaptive import AdaptiveK
 from quantkit.runtime.spec.draft_model import DraftModelProposer
 from quantkit.runtime.spec.ngram import NgramProposer
 from quantkit.runtime.spec.speculator import Speculator
+from quantkit.runtime.spec.speed_gate import SpeedGate
 
 METHODS = ("draft", "ngram")
 
@@ -84,4 +85,5 @@ def build_speculator(options: SpecOptions, draft: LoadedDraft | None, *, target_
     else:
         proposer = NgramProposer(options.ngram_min, options.ngram_max)
     controller = AdaptiveK(options.num_speculative_tokens, draft_cost=proposer.cost_ratio, adaptive=options.adaptive)
-    return Speculator(proposer, controller, options.max_batch)
+    gate = SpeedGate() if options.adaptive else None
+    return Speculator(proposer, controller, options.max_batch, gate)

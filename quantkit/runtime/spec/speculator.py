@@ -22,24 +22,35 @@ from quantkit.runtime.sequence import Sequence
 from quantkit.runtime.spec.adaptive import AdaptiveK
 from quantkit.runtime.spec.metrics import SpecMetrics
 from quantkit.runtime.spec.proposal import Proposal, Proposer
+from quantkit.runtime.spec.speed_gate import SpeedGate
 from quantkit.runtime.spec.verifier import Verified, verify
 
 _PAD_TOKEN = 0  # fills verification slots a proposal left empty; their KV is rolled back
 
 
 class Speculator:
-    def __init__(self, proposer: Proposer, controller: AdaptiveK, max_batch: int = 32) -> None:
+    def __init__(self, proposer: Proposer, controller: AdaptiveK, max_batch: int = 32,
+                 gate: SpeedGate | None = None) -> None:
         self.proposer, self.controller, self.max_batch = proposer, controller, max_batch
+        self.gate = gate  # measured speed decides whether to speculate (None: always, below max_batch)
         self.metrics = SpecMetrics(current_k=controller.k, acceptance_ema=controller.rate)
+        self.mode: str | None = None  # what the last plan chose for its decoding batch
+        self.batch = 0
 
     def plan(self, running: list[Sequence]) -> dict[int, int]:
         """``{seq_id: drafts}`` to pass to ``Scheduler.schedule``; empty when switched off."""
         decoding = [s for s in running if s.num_output_tokens > 0 and s.num_tokens - s.num_computed_tokens == 1]
+        self.mode, self.batch = None, len(decoding)
         if not decoding:
             return {}
         if len(decoding) >= self.max_batch:
             self.metrics.steps_off += 1
             return {}
+        if self.gate is not None and not self.gate.speculate(len(decoding)):
+            self.mode = "plain"
+            self.metrics.steps_off += 1
+            return {}
+        self.mode = "spec"
         self.metrics.steps_on += 1
         k = self.controller.k
         lookahead = {seq.seq_id: self.proposer.plan(seq, k) for seq in decoding}
@@ -69,6 +80,11 @@ class Speculator:
         self.controller.observe(results)
         self.metrics.current_k, self.metrics.acceptance_ema = self.controller.k, self.controller.rate
         return verified
+
+    def record_step(self, seconds: float, tokens: int, pure_decode: bool) -> None:
+        """Time of the step just run (from planning to sampled tokens) for the speed gate."""
+        if self.gate is not None and self.mode is not None and pure_decode:
+            self.gate.observe(self.mode, self.batch, seconds, tokens)
 
     def release(self, seqs: list[Sequence]) -> None:
         for seq in seqs:
