@@ -271,7 +271,8 @@ def linear_sweep_configs(m: int):
     return configs
 
 
-def sweep_linears(linears: dict, rows: list[int], device: str) -> list[dict]:
+def sweep_linears(linears: dict, rows: list[int], device: str, on_case=None) -> list[dict]:
+    """Best launch per (linear, m); ``on_case(results)`` after each case (a run cut short keeps them)."""
     from quantkit.kernels.w4a16_triton import choose_config, quantized_linear_triton
 
     results = []
@@ -303,6 +304,10 @@ def sweep_linears(linears: dict, rows: list[int], device: str) -> list[dict]:
                     "all": [{"us": us, **asdict(c)} for us, c in sorted(timed, key=lambda t: t[0])[:12]],
                 }
             )
+            console.print(f"{name} M={m}: default {default_us:.1f} us, best {best_us:.1f} us "
+                          f"({_config_label(asdict(best))})")
+            if on_case is not None:
+                on_case(results)
         del packed
     return results
 
@@ -470,7 +475,13 @@ def main() -> None:
         figures["decode_attention"] = run_decode(batches, contexts, attention, device, bandwidth)
         print_decode_table(figures["decode_attention"], attention)
     if args.sweep and device == "cuda":
-        figures["sweep_linear"] = sweep_linears(linears, rows, device)
+        def keep(results, figures=figures):
+            figures["sweep_linear"] = results
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(figures, f, indent=2)
+
+        figures["sweep_linear"] = sweep_linears(linears, rows, device, on_case=keep)
         figures["sweep_decode"] = sweep_decode(batches, contexts, attention, device)
         print_sweep(figures["sweep_linear"], figures["sweep_decode"])
     if args.json:

@@ -23,6 +23,9 @@ for phase in "$@"; do
     sweep)
       timeout 330 python scripts/gpu/bench_kernels.py --fused --sweep --skip-attention --rows 1,2,4,8,16,32,64,128,256,512,1024,4096 \
         --json "$OUT/kernels_sweep.json" > "$OUT/kernels_sweep.txt" 2>&1 ;;
+    sweep-gemv)
+      timeout 300 python scripts/gpu/bench_kernels.py --fused --sweep --skip-attention --skip-linear --rows 1 \
+        --json "$OUT/kernels_sweep.json" > "$OUT/kernels_sweep.txt" 2>&1 ;;
     kernels)
       python scripts/gpu/bench_kernels.py --fused --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 ;;
     runtime)
