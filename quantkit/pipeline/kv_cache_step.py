@@ -44,7 +44,7 @@ def calibrate_layer_kv(ctx: LayerContext, step: KVCacheStep) -> None:
                      kv_scale(stats.value, step.type, step.strategy), step.type)
     # Recordings of the attention were made without the 8-bit cache: forget them, so the next
     # layer's inputs are computed with K/V rounded as the checkpoint's model rounds them.
-    del ctx.replay
+    ctx.__dict__.pop("replay", None)  # the cached property rebuilds an empty ReplayCache on next use
 
 
 def _stop(_module, _inputs):
