@@ -125,6 +125,10 @@ class Engine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        return self._plain_step(out)
+
+    def _plain_step(self, out) -> list[RequestOutput]:
+        """Run, sample one token per sampling sequence, update, collect."""
         logits = self.runner.run(out)
         now = time.perf_counter()
         new_tokens: dict[int, list[int]] = {}
@@ -149,6 +153,14 @@ class Engine:
         spec.release(out.preempted)
         if out.is_empty:
             return []
+        if not any(s.num_lookahead for s in out.scheduled):  # speculation off this step: the plain path
+            before = {s.seq.seq_id: s.seq.num_output_tokens for s in out.scheduled}
+            outputs = self._plain_step(out)
+            emitted = sum(s.seq.num_output_tokens - before[s.seq.seq_id] for s in out.scheduled)
+            pure_decode = all(s.num_new_tokens == 1 and s.samples for s in out.scheduled)
+            spec.record_step(time.perf_counter() - started, emitted, pure_decode)
+            spec.release_finished()
+            return outputs
         proposals = spec.propose(out)
         logits = self.runner.run(out, spec.drafts_for_runner(out, proposals))
         now = time.perf_counter()

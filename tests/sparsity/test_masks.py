@@ -5,8 +5,19 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.sparsity.magnitude import magnitude_keep_mask
-from quantkit.sparsity.masks import follows_nm, keep_mask, layer_keep_mask, nm_keep_mask, pruned_count, row_keep_mask
-from quantkit.sparsity.structure import MaskStructure, check_sparsity_value, parse_mask_structure
+from quantkit.sparsity.masks import (
+    follows_nm,
+    keep_mask,
+    layer_keep_mask,
+    nm_keep_mask,
+    pruned_count,
+    row_keep_mask,
+)
+from quantkit.sparsity.structure import (
+    MaskStructure,
+    check_sparsity_value,
+    parse_mask_structure,
+)
 from quantkit.sparsity.wanda import InputNorms, wanda_keep_mask, wanda_scores
 
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from test_pipeline import calibration, tiny_llama
 
 from quantkit.models.adapters import get_adapter
