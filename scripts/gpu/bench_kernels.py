@@ -287,7 +287,7 @@ def sweep_linears(linears: dict, rows: list[int], device: str, on_case=None) -> 
                     timed.append((device_time_us(calls, device)[0], config))
                 except triton.runtime.errors.OutOfResources:  # a tile too large for shared memory
                     continue
-            default = choose_config(m)
+            default = choose_config(m, torch.bfloat16, shape[1])
             default_us = device_time_us(
                 [lambda p=p, c=default, x=x: quantized_linear_triton(x, p, config=c) for p in packed], device
             )[0]

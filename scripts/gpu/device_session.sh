@@ -19,7 +19,8 @@ for phase in "$@"; do
         tests/test_model_loading.py >> "$OUT/gpu_tests.txt" 2>&1 ;;
     runtime-tests)
       timeout 200 python -m pytest -q -p no:cacheprovider --durations=8 tests/runtime/test_engine_gpu.py \
-        tests/runtime/test_decode_graphs.py tests/kernels/test_kernels_layer_ops.py > "$OUT/gpu_tests.txt" 2>&1 ;;
+        tests/runtime/test_decode_graphs.py tests/runtime/test_speed_gate.py tests/kernels/test_kernels_layer_ops.py \
+        tests/kernels/test_w4a16_default_configs_gpu.py > "$OUT/gpu_tests.txt" 2>&1 ;;
     sweep)
       timeout 330 python scripts/gpu/bench_kernels.py --fused --sweep --skip-attention --rows 1,2,4,8,16,32,64,128,256,512,1024,4096 \
         --json "$OUT/kernels_sweep.json" > "$OUT/kernels_sweep.txt" 2>&1 ;;
@@ -30,6 +31,9 @@ for phase in "$@"; do
       python scripts/gpu/bench_kernels.py --fused --json "$OUT/kernels.json" > "$OUT/kernels.txt" 2>&1 ;;
     runtime)
       timeout 420 python scripts/gpu/bench_runtime.py --json "$OUT/runtime_8b.json" > "$OUT/runtime_8b.txt" 2>&1 ;;
+    runtime-w4)
+      timeout 300 python scripts/gpu/bench_runtime.py --models w4a16 --no-baseline --json "$OUT/runtime_8b_w4.json" \
+        > "$OUT/runtime_8b_w4.txt" 2>&1 ;;
     spec)
       for draft in none quantkit-draft; do
         for conc in 1 64; do

@@ -10,7 +10,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("k", "n"), [(256, 1536), (768, 256), (4096, 14336)])
+@pytest.mark.parametrize(("k", "n"), [(256, 1536), (768, 256), (4096, 14336), (512, 16384)])
 def test_default_configs_match_the_reference(dtype, k, n):
     from quantkit.kernels.w4a16_triton import quantized_linear_triton
 
