@@ -259,6 +259,61 @@ def bench(
     bench_report.render_bench(payload, console=Console())
 
 
+@app.command()
+def distill(
+    student: Annotated[str, typer.Option(help="The model to train: a pruned or float copy of the teacher, or a smaller model with its tokenizer.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write the trained student to.")],
+    teacher: Annotated[Optional[str], typer.Option(help="The model to imitate (default: the bundled target).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML distillation recipe (recipes/distill.yaml); the options below override it.")] = None,
+    dataset: Annotated[Optional[list[str]], typer.Option(help="Training text: wikipedia, wikitext2, a local .txt/.jsonl/.parquet file or datasets folder; repeatable.")] = None,
+    seq_len: Annotated[Optional[int], typer.Option(help="Tokens per training sequence.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per micro-batch.")] = None,
+    grad_accum: Annotated[Optional[int], typer.Option(help="Micro-batches per optimizer step.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="Stop training after this long; without --max-steps the run sizes itself to it.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate (AdamW, warm-up then cosine).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Softmax temperature of the KL loss.")] = None,
+    kl_weight: Annotated[Optional[float], typer.Option(help="Weight of KL(teacher || student).")] = None,
+    hidden_weight: Annotated[Optional[float], typer.Option(help="Weight of the hidden-state loss on matched layers.")] = None,
+    lm_weight: Annotated[Optional[float], typer.Option(help="Weight of the plain language-modelling loss.")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(help="no, bf16 or fp16 (accelerate autocast).")] = None,
+    qat: Annotated[Optional[str], typer.Option(help="Train quantization-aware with this weight scheme (w4a16, ...) and write a GPTQ checkpoint.")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="Steps between resumable checkpoints.")] = None,
+    eval_windows: Annotated[Optional[int], typer.Option(help="Perplexity windows of 512 tokens per text, before and after.")] = None,
+    eval_dataset: Annotated[Optional[list[str]], typer.Option(help="Evaluation text (wikitext2, wikipedia-heldout, a local file); repeatable.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the training batches.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (accelerate places the models).")] = "cpu",
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in --checkpoint-dir.")] = False,
+    checkpoint_dir: Annotated[Optional[Path], typer.Option(help="Where checkpoints go (default: OUTPUT.distill next to the output).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Train a student to match a teacher's next-token distributions (KL at a temperature, plus
+    optional hidden-state and language-modelling losses); a pruned student keeps its zeros.
+    Prints the student's perplexity before and after beside the teacher's."""
+    from dataclasses import replace
+
+    from quantkit.distill.config import DistillConfig, load_distill_config, with_overrides
+    from quantkit.distill.render import DistillProgress, render_report
+    from quantkit.distill.trainer import distill as run_distill
+
+    config = load_distill_config(recipe)[0] if recipe is not None else DistillConfig()
+    config = with_overrides(config, dataset=dataset, seq_len=seq_len, batch_size=batch_size, grad_accum=grad_accum,
+                            max_steps=max_steps, max_minutes=max_minutes, lr=lr, temperature=temperature,
+                            kl_weight=kl_weight, hidden_weight=hidden_weight, lm_weight=lm_weight,
+                            mixed_precision=mixed_precision, qat_scheme=qat, save_every=save_every,
+                            eval_windows=eval_windows, eval_datasets=eval_dataset, seed=seed)
+    if max_minutes is not None and max_steps is None:
+        config = replace(config, max_steps=None)  # the run sizes itself to the time budget
+    with DistillProgress(console, enabled=not as_json) as progress:
+        report = run_distill(teacher, student, output, config, device=device, overwrite=overwrite, resume=resume,
+                             checkpoint_dir=checkpoint_dir, callback=progress.callback)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        render_report(report, Console())
+
+
 def main() -> None:
     """Console-script entry point."""
     _quiet_libraries()
