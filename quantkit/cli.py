@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from quantkit import __version__
 from quantkit.errors import QuantkitError
@@ -205,7 +206,24 @@ def _eval_latency(model, baseline, input_len, output_len, repetitions, device, d
         render_latency(payload, payload["baseline"], payload["speedup"], console=Console())
 
 
-@app.command()
+class _BenchGroup(TyperGroup):
+    """``quantkit bench [MODEL] ...`` runs the offline benchmark (the ``model`` subcommand);
+    ``quantkit bench serve URL ...`` the load generator against a running server."""
+
+    def parse_args(self, ctx, args):
+        if not args or (args[0] not in self.commands and args[0] not in ("--help", "-h")):
+            args = ["model", *args]
+        return super().parse_args(ctx, args)
+
+
+bench_app = typer.Typer(
+    cls=_BenchGroup, add_completion=False, pretty_exceptions_enable=False,
+    help="Benchmarks: 'quantkit bench [MODEL]' runs the runtime offline on a seeded workload; "
+         "'quantkit bench serve URL' loads a running OpenAI-compatible server.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("model")
 def bench(
     model: ModelArg = None,
     num_requests: Annotated[int, typer.Option(help="Requests in the workload.")] = 64,
@@ -257,6 +275,93 @@ def bench(
     if json_path is not None:
         bench_report.write_json(payload, json_path)
     bench_report.render_bench(payload, console=Console())
+
+
+@bench_app.command("serve")
+def bench_serve(
+    url: Annotated[str, typer.Argument(help="The server, e.g. http://127.0.0.1:8000 (a trailing /v1 is fine).")],
+    model: Annotated[Optional[str], typer.Option(help="Served model name (default: the server's first).")] = None,
+    num_requests: Annotated[int, typer.Option(help="Requests per request rate.")] = 64,
+    input_len_range: Annotated[str, typer.Option(help="Prompt lengths MIN,MAX in tokens (uniform; random prompts).")] = "100,512",
+    output_len_range: Annotated[str, typer.Option(help="Output lengths MIN,MAX in tokens (uniform).")] = "100,512",
+    seed: Annotated[int, typer.Option(help="Seed of lengths, prompts and arrivals (the same workload as 'quantkit bench MODEL').")] = 0,
+    prompts_file: Annotated[Optional[Path], typer.Option(help="Prompts from a file (.txt: one per line; .jsonl: a 'prompt' field) instead of random token ids.")] = None,
+    request_rate: Annotated[str, typer.Option(help="Poisson arrivals in requests/s, or inf (all at once); a comma-separated list sweeps, e.g. 1,2,4,inf.")] = "inf",
+    max_concurrency: Annotated[Optional[int], typer.Option(help="Most requests in flight at a time.")] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos/--no-ignore-eos", help="Generate exactly the drawn output length (comparable runs).")] = True,
+    api_key: Annotated[Optional[str], typer.Option(envvar="QUANTKIT_API_KEY", help="Bearer token for a server started with --api-key.")] = None,
+    vocab_size: Annotated[Optional[int], typer.Option(help="Random prompt ids below this (default: what /v1/models reports).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds one request may take.")] = 600.0,
+    json_path: Annotated[Optional[str], typer.Option("--json", help="Write the results as JSON to this file ('-': stdout).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of throughput and latency against the request rate.")] = None,
+) -> None:
+    """Load a running OpenAI-compatible server (vLLM's serving-benchmark metrics): requests/s,
+    output tokens/s, TTFT, TPOT, inter-token and end-to-end latency (mean, median, p99)."""
+    from quantkit.eval import bench_report, serve_report
+    from quantkit.eval.serve_bench import ServeBenchConfig, parse_rates, run_serve_bench
+    from quantkit.eval.throughput import parse_len_range
+
+    config = ServeBenchConfig(
+        url=url, model=model, num_requests=num_requests,
+        input_len_range=parse_len_range(input_len_range, "--input-len-range"),
+        output_len_range=parse_len_range(output_len_range, "--output-len-range"), seed=seed,
+        prompts_file=prompts_file, request_rates=parse_rates(request_rate), max_concurrency=max_concurrency,
+        ignore_eos=ignore_eos, api_key=api_key, timeout_s=timeout, vocab_size=vocab_size).check()
+    if plot is not None:
+        bench_report.check_plot_available()
+    payload = run_serve_bench(config, progress=json_path != "-")
+    if plot is not None:
+        serve_report.plot_serve_bench(payload, plot)
+    if json_path == "-":
+        typer.echo(bench_report.to_json(payload), nl=False)
+        return
+    if json_path is not None:
+        bench_report.write_json(payload, json_path)
+    serve_report.render_serve_bench(payload, console=Console())
+
+
+@app.command()
+def serve(
+    model: ModelArg = None,
+    draft: Annotated[Optional[str], typer.Option(help="Draft model for speculative decoding (e.g. quantkit-draft).")] = None,
+    num_speculative_tokens: Annotated[Optional[int], typer.Option(help="--draft: tokens proposed per step.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(envvar="QUANTKIT_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 and tokenizer routes (or set QUANTKIT_API_KEY).")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="The name clients send as 'model' (default: MODEL as given).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:1, ...")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16.")] = "auto",
+    kv_cache_tokens: Annotated[Optional[int], typer.Option(help="KV cache size in tokens (default: from free accelerator memory; 65536 on the CPU).")] = None,
+    gpu_memory_utilization: Annotated[float, typer.Option(help="Share of accelerator memory the engine may use.")] = 0.9,
+    max_num_seqs: Annotated[int, typer.Option(help="Most sequences in the running batch.")] = 256,
+    max_num_batched_tokens: Annotated[int, typer.Option(help="Token budget of one engine step.")] = 2048,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait beyond the running batch; more get 429.")] = 512,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted (413 beyond).")] = 1 << 20,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option(help="Longest prompt accepted (default: the context minus one).")] = None,
+    max_n: Annotated[int, typer.Option(help="Most samples (n) per request.")] = 16,
+    shutdown_timeout: Annotated[float, typer.Option(help="On SIGTERM, seconds in-flight requests may run before they are aborted.")] = 30.0,
+    log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming) on
+    quantkit's runtime, with /health, /metrics (Prometheus) and /v1/models."""
+    from quantkit.server.launch import serve as run_server
+    from quantkit.server.settings import ServerSettings
+
+    if log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
+        raise QuantkitError(f"--log-level '{log_level}' must be critical, error, warning, info or debug")
+    settings = ServerSettings(served_names=[served_model_name or model or "quantkit-target"], api_key=api_key,
+                              max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens, max_n=max_n,
+                              max_queue=max_queue, max_num_seqs=max_num_seqs)
+    engine_options = {"device": device, "dtype": dtype, "kv_cache_tokens": kv_cache_tokens,
+                      "gpu_memory_utilization": gpu_memory_utilization,
+                      "max_num_batched_tokens": max_num_batched_tokens}
+    if num_speculative_tokens is not None:
+        if draft is None:
+            raise QuantkitError("--num-speculative-tokens needs --draft")
+        engine_options["num_speculative_tokens"] = num_speculative_tokens
+    run_server(model, draft=draft, host=host, port=port, settings=settings, engine_options=engine_options,
+               shutdown_timeout=shutdown_timeout, log_level=log_level.lower(),
+               ready_message=lambda text: console.print(text, markup=False, highlight=False))
 
 
 @app.command()

@@ -1,0 +1,128 @@
+"""``quantkit serve``: bind, start uvicorn, load the model on the engine thread, drain on SIGTERM.
+
+The socket is bound first (a busy port or a bad host is one clear error before anything loads),
+then uvicorn serves at once: ``/health`` answers 503 while the model loads and 200 when it is
+ready. A model that fails to load stops the server with the loader's message.
+
+SIGTERM (or Ctrl-C): new requests get 503, requests in flight run on for up to
+``shutdown_timeout`` seconds, and whatever is still running then ends with an explicit error (a
+503 body, or an error event in the stream); then the engine thread stops and the process exits 0.
+A second Ctrl-C exits at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import time
+
+import uvicorn
+
+from quantkit.errors import QuantkitError
+
+logger = logging.getLogger("quantkit.server")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise QuantkitError(f"--port must be between 0 and 65535, got {port}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise QuantkitError(f"--host '{host}' is not an address this machine can bind: {error.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise QuantkitError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(model: str | None, *, draft: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          settings=None, engine_options: dict | None = None, shutdown_timeout: float = 30.0,
+          log_level: str = "info", ready_message=print) -> None:
+    """Serve ``model`` until SIGTERM/SIGINT; raise ``QuantkitError`` for anything a user can fix."""
+    # OpenMP workers that spin between torch ops would starve the HTTP thread of CPU, and it holds
+    # the GIL the engine thread needs: on a small CPU the server ran ~10x slower with them spinning.
+    # Read when torch loads, so this only works before the first import of torch (as from the CLI).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from quantkit.models.bundled import resolve_model_path
+    from quantkit.server.app import build_app
+    from quantkit.server.async_engine import FAILED, AsyncEngine
+    from quantkit.server.generation import ServerContext
+    from quantkit.server.settings import ServerSettings
+
+    resolve_model_path(model)  # a missing folder is an error now, not after the server started
+    if draft is not None:
+        resolve_model_path(draft)
+    if shutdown_timeout < 0:
+        raise QuantkitError(f"--shutdown-timeout must be >= 0, got {shutdown_timeout}")
+    settings = (settings or ServerSettings()).check()
+    options = dict(engine_options or {})
+    options["max_num_seqs"] = settings.max_num_seqs
+    if draft is not None:
+        options["draft"] = draft
+    sock = bind_socket(host, port)
+    _configure_logging(log_level)
+
+    def load():
+        from quantkit.runtime.engine import Engine
+
+        started = time.perf_counter()
+        engine = Engine(model, **options)
+        logger.info("model loaded in %.1f s; serving %s", time.perf_counter() - started,
+                    ", ".join(settings.served_names))
+        return engine
+
+    async_engine = AsyncEngine(load)
+    app = build_app(ServerContext(async_engine, settings), manage_engine=True)
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=shutdown_timeout + 10, timeout_keep_alive=5)
+    server = _DrainingServer(config, async_engine, shutdown_timeout)
+    async_engine.on_load_failure = lambda problem: setattr(server, "should_exit", True)
+    shown = f"[{host}]" if ":" in host else host
+    ready_message(f"quantkit serve: http://{shown}:{sock.getsockname()[1]}/v1 (model loading; GET /health "
+                  "answers 200 when ready)")
+    server.run(sockets=[sock])
+    if async_engine.state == FAILED:
+        raise QuantkitError(f"the model failed to load: {async_engine.problem}")
+
+
+def _configure_logging(level: str) -> None:
+    server_logger = logging.getLogger("quantkit.server")
+    if not server_logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+        server_logger.addHandler(handler)
+        server_logger.propagate = False
+    server_logger.setLevel(level.upper())
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the engine to drain on the first signal."""
+
+    def __init__(self, config: uvicorn.Config, engine, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.engine, self.shutdown_timeout = engine, shutdown_timeout
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """As uvicorn's, without re-raising the signal afterwards: a drained server exits 0."""
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self._captured_signals.clear()
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.should_exit:
+            logger.info("shutting down: refusing new requests, finishing those in flight (up to %g s)",
+                        self.shutdown_timeout)
+            self.engine.begin_drain(self.shutdown_timeout)
+        super().handle_exit(sig, frame)

@@ -1,0 +1,78 @@
+"""Pieces without a server: streamed text never takes back what it sent (stop-string and partial
+character holds), the plain chat template, the request checks' messages, replay comparison."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantkit.runtime.outputs import CompletionOutput, RequestOutput
+from quantkit.server.async_engine import _compare_replay
+from quantkit.server.chat_template import render, render_plain
+from quantkit.server.errors import APIError
+from quantkit.server.protocol import CompletionRequest, parse_body
+from quantkit.server.responses import Formatter
+
+
+def out(text: str, tokens: list[int], reason: str | None = None, finished: bool = False, index: int = 0):
+    return RequestOutput("r", [1], [CompletionOutput(index, tokens, text, reason)], finished)
+
+
+def streamed(formatter: Formatter, outputs) -> str:
+    import json
+
+    text = ""
+    for output in outputs:
+        for event in formatter.chunks(output):
+            text += json.loads(event[6:])["choices"][0]["text"]
+    return text
+
+
+def test_stream_holds_back_a_possible_stop_string_and_partial_characters():
+    formatter = Formatter("completion", "r", "m", 1, 1, None, holdback=len("END") - 1)
+    steps = [out("Hello E", [1, 2]), out("Hello EN", [1, 2, 3]), out("Hello ca\ufffd", [1, 2, 3, 4]),
+             out("Hello caf\u00e9 ", [1, 2, 3, 4, 5]), out("Hello caf\u00e9 ", [1, 2, 3, 4, 5, 6], "stop", True)]
+    seen = []
+    for step in steps:
+        seen.append(streamed(formatter, [step]))
+    assert "".join(seen) == "Hello caf\u00e9 "
+    assert seen[0] == "Hello"  # " E" might begin "END": held
+    assert "\ufffd" not in "".join(seen)
+
+
+def test_chat_stream_opens_with_the_role_and_ends_with_the_reason():
+    import json
+
+    formatter = Formatter("chat", "c", "m", 3, 2, None, include_usage=True)
+    opening = [json.loads(e[6:]) for e in formatter.opening()]
+    assert [o["choices"][0]["delta"] for o in opening] == [{"role": "assistant", "content": ""}] * 2
+    assert all(o["usage"] is None for o in opening)
+    final = RequestOutput("c", [1, 2, 3], [CompletionOutput(0, [5], "a", "length"),
+                                           CompletionOutput(1, [6, 7], "bc", "stop")], True)
+    events = [json.loads(e[6:]) for e in formatter.chunks(final)]
+    assert [(e["choices"][0]["index"], e["choices"][0]["finish_reason"]) for e in events] == [(0, "length"), (1, "stop")]
+    usage = json.loads(formatter.usage_chunk(final)[6:])
+    assert usage["choices"] == [] and usage["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+
+
+def test_plain_chat_template():
+    assert render_plain([("system", "Be brief."), ("user", "Hi")]) == "System: Be brief.\nUser: Hi\nAssistant:"
+    with pytest.raises(APIError) as error:
+        render(None, [])
+    assert error.value.status == 400
+
+
+def test_parse_body_messages():
+    request = parse_body(CompletionRequest, b'{"model": "m", "prompt": [1, 2], "stop": "x"}')
+    assert request.prompt == [1, 2] and request.stop == "x"
+    with pytest.raises(APIError, match="'n' must be an integer, got true"):
+        parse_body(CompletionRequest, b'{"model": "m", "prompt": "x", "n": true}')
+    with pytest.raises(APIError, match="not valid JSON"):
+        parse_body(CompletionRequest, b'{"model": "m", "prompt": "x", "top_p": Infinity}')
+
+
+def test_replay_comparison():
+    sent = out("ab", [1, 2])
+    assert _compare_replay(sent, out("a", [1])) == "behind"
+    assert _compare_replay(sent, out("abc", [1, 2, 3])) == "caught_up"
+    assert _compare_replay(sent, out("ax", [1, 9])) == "diverged"
+    assert _compare_replay(sent, out("a", [1], "stop", True)) == "diverged"
