@@ -1,0 +1,253 @@
+"""INT8 and FP8 GEMM throughput against bf16 at the Llama-3-8B linear shapes, 1 to 8192 tokens.
+
+For each linear shape (K x N: 4096x4096 q/o_proj, 4096x14336 gate/up_proj, 14336x4096 down_proj,
+4096x1024 k/v_proj) and M rows of x, on one GPU, in one run:
+
+* ``bf16``: ``torch.nn.functional.linear`` with bf16 x and weight (cuBLAS);
+* ``int8 triton``: quantkit's W8A8 INT8 linear as the runtime runs it — the Triton per-token
+  activation quantization, then the Triton INT8 GEMM with the scales and the bf16 store in its
+  epilogue (``quantkit/kernels/int8_linear.py``);
+* ``int8 _int_mm``: the same quantization, ``torch._int_mm`` (cuBLASLt) to int32, scales in torch;
+* ``fp8``: quantkit's FP8 W8A8 linear — Triton per-token quantization to e4m3, then
+  ``torch._scaled_mm`` with row-wise scales (cuBLASLt, scales and bf16 store in its epilogue);
+* ``... gemm``: the INT8 Triton GEMM and ``torch._scaled_mm`` alone, on x already quantized (what
+  the activation quantization costs is the difference).
+
+Each time is the median over 5 repetitions of the mean device time per call, measured with CUDA
+events over a CUDA graph of calls that cycle through enough copies of x and the weight
+(>= 256 MiB) that nothing is served from L2. Ratios are bf16 time / quantized time, measured in
+the same run; TFLOPS count 2·M·N·K. The memory limit is the bytes one call must move (weight, x,
+y) over the device-to-device copy bandwidth measured in the same run. The issue's target: from
+4096 tokens, INT8 and FP8 at least 1.6x bf16.
+
+    python scripts/gpu/bench_w8a8_gemm.py --out results.json [--sweep] [--tokens 1,16,4096] [--dry-run]
+
+``--sweep`` also times other INT8 Triton tiles and records the fastest per case;
+``--dry-run`` runs tiny shapes on the CPU (float32, the CPU implementations): a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from quantkit.kernels.w8a8 import pack_w8a8_weights  # noqa: E402
+from quantkit.quant.w8a8 import quantize_activation, quantize_weight  # noqa: E402
+
+LLAMA3_8B_LINEARS = {  # name: (K, N)
+    "q/o_proj 4096x4096": (4096, 4096),
+    "gate/up_proj 4096x14336": (4096, 14336),
+    "down_proj 14336x4096": (14336, 4096),
+    "k/v_proj 4096x1024": (4096, 1024),
+}
+TINY_LINEARS = {"tiny 256x512": (256, 512)}
+TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+ROTATION_BYTES = 256 * 2**20
+TARGET_RATIO, TARGET_FROM_TOKENS = 1.6, 4096
+
+
+def device_time_us(calls: list[Callable[[], object]], device: str, repeats: int = 5) -> float:
+    """Mean microseconds per call of ``calls`` run in turn: CUDA events over a CUDA graph."""
+    for call in calls:
+        call()
+    if device != "cuda":
+        start = time.perf_counter()
+        for call in calls:
+            call()
+        return (time.perf_counter() - start) / len(calls) * 1e6
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(device: str) -> float:
+    size = 2**30 if device == "cuda" else 2**24
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    seconds = device_time_us([lambda: dst.copy_(src)] * 10, device) / 1e6
+    return 2 * size / seconds / 1e9
+
+
+def bench_shape(name: str, k: int, n: int, tokens: list[int], device: str, dtype: torch.dtype, bandwidth: float,
+                sweep: bool) -> list[dict]:
+    from quantkit.kernels.fp8_linear import fp8_linear_scaled_mm, fp8_supported
+    from quantkit.kernels.int8_linear import int8_linear_int_mm, int8_linear_reference
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=gen) / math.sqrt(k)
+    records = {kind: quantize_weight(w, kind, "channel", "dynamic") for kind in ("int", "float")}
+    packed = {kind: pack_w8a8_weights([r.weight], [r.weight_scale], [None], kind, "dynamic", device)
+              for kind, r in records.items()}
+    w16 = w.to(device, dtype)
+    has_fp8 = device == "cuda" and fp8_supported(torch.device(device))
+    on_gpu = device == "cuda"
+    rows = []
+    for m in tokens:
+        x_bytes, w_bytes = m * k * 2, n * k * 2
+        copies = max(2, math.ceil(ROTATION_BYTES / (x_bytes + w_bytes))) if on_gpu else 2
+        xs = [torch.randn(m, k, generator=gen).to(device, dtype) for _ in range(copies)]
+        w16s = [w16] + [w16.clone() for _ in range(copies - 1)]
+        int8s = [packed["int"]] + [_clone(packed["int"]) for _ in range(copies - 1)]
+        fp8s = [packed["float"]] + [_clone(packed["float"]) for _ in range(copies - 1)]
+        q_int = [quantize_activation(x, "int") for x in xs]
+        row = {"shape": name, "K": k, "N": n, "M": m, "times_us": {}}
+        times = row["times_us"]
+        times["bf16"] = device_time_us(
+            [lambda x=x, w=w_: torch.nn.functional.linear(x, w) for x, w_ in zip(xs, w16s)], device)
+        if on_gpu:
+            from quantkit.kernels.int8_gemm_triton import int8_gemm_triton
+            from quantkit.kernels.int8_linear import int8_linear_triton
+
+            times["int8 triton"] = device_time_us(
+                [lambda x=x, p=p: int8_linear_triton(x, p) for x, p in zip(xs, int8s)], device)
+            times["int8 triton gemm"] = device_time_us(
+                [lambda q=q, p=p: int8_gemm_triton(q[0], q[1], p.weight, p.weight_scale, None, dtype)
+                 for q, p in zip(q_int, int8s)], device)
+            if sweep:
+                row["sweep"] = _sweep_int8(q_int, int8s, dtype, device, m, n)
+        else:
+            times["int8 reference"] = device_time_us(
+                [lambda x=x, p=p: int8_linear_reference(x, p) for x, p in zip(xs, int8s)], device)
+        times["int8 _int_mm"] = device_time_us(
+            [lambda x=x, p=p: int8_linear_int_mm(x, p) for x, p in zip(xs, int8s)], device)
+        if has_fp8 or not on_gpu:
+            q_fp8 = [quantize_activation(x, "float") for x in xs]
+            times["fp8"] = device_time_us(
+                [lambda x=x, p=p: fp8_linear_scaled_mm(x, p) for x, p in zip(xs, fp8s)], device)
+            times["fp8 gemm"] = device_time_us(
+                [lambda q=q, p=p: fp8_linear_scaled_mm(xs[0], p, quantized=q) for q, p in zip(q_fp8, fp8s)],
+                device)
+        flops = 2 * m * n * k
+        row["tflops"] = {key: flops / (t * 1e-6) / 1e12 for key, t in times.items()}
+        row["speedup_vs_bf16"] = {key: times["bf16"] / t for key, t in times.items() if key != "bf16"}
+        row["memory_limit_us"] = {
+            "bf16": (w_bytes + x_bytes + m * n * 2) / (bandwidth * 1e3),
+            "8-bit": (n * k + m * k * 2 + m * n * 2) / (bandwidth * 1e3),
+        }
+        rows.append(row)
+        _print_row(row)
+        del xs, w16s, int8s, fp8s, q_int
+        if on_gpu:
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _clone(packed):
+    from quantkit.kernels.w8a8 import W8A8Weight
+
+    return W8A8Weight(packed.weight.clone(), packed.weight_scale.clone(), packed.type, packed.activations,
+                      packed.input_scale)
+
+
+def _sweep_int8(q_int, int8s, dtype, device, m, n) -> dict:
+    from quantkit.kernels.int8_gemm_triton import Int8GemmConfig, int8_gemm_triton
+
+    candidates = [Int8GemmConfig(bm, bn, bk, group_m=8, num_warps=w, num_stages=s)
+                  for bm, bn, bk, w, s in ((16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 128, 4, 4),
+                                           (32, 64, 256, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4),
+                                           (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
+                                           (128, 128, 64, 4, 4), (128, 256, 64, 8, 4))
+                  if bm <= max(16, 2 * m)]
+    best = {}
+    for config in candidates:
+        try:
+            t = device_time_us([lambda q=q, p=p: int8_gemm_triton(q[0], q[1], p.weight, p.weight_scale, None, dtype,
+                                                                  config) for q, p in zip(q_int, int8s)], device)
+        except Exception as exc:  # a tile that does not fit shared memory on this device
+            print(f"  sweep {config}: {type(exc).__name__}", flush=True)
+            continue
+        if not best or t < best["us"]:
+            best = {"us": t, "config": dataclasses.asdict(config)}
+    return best
+
+
+def _print_row(row: dict) -> None:
+    times = row["times_us"]
+    parts = [f"{key} {t:9.1f}us ({row['speedup_vs_bf16'].get(key, 1.0):4.2f}x)" for key, t in times.items()]
+    print(f"{row['shape']:24s} M={row['M']:5d}  " + "  ".join(parts), flush=True)
+
+
+def summary(rows: list[dict]) -> list[str]:
+    """Per shape: the worst speed-up from TARGET_FROM_TOKENS tokens, for the INT8 and FP8 paths."""
+    lines = []
+    for shape in dict.fromkeys(row["shape"] for row in rows):
+        big = [row for row in rows if row["shape"] == shape and row["M"] >= TARGET_FROM_TOKENS]
+        if not big:
+            continue
+        for key in ("int8 triton", "int8 _int_mm", "fp8"):
+            ratios = [row["speedup_vs_bf16"][key] for row in big if key in row["speedup_vs_bf16"]]
+            if ratios:
+                verdict = "meets" if min(ratios) >= TARGET_RATIO else "misses"
+                lines.append(f"{shape:24s} {key:12s} min speed-up at M >= {TARGET_FROM_TOKENS}: {min(ratios):.2f}x "
+                             f"({verdict} the {TARGET_RATIO}x target)")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="JSON file to write")
+    ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--shapes", default=None, help="comma-separated subset of: " + "; ".join(LLAMA3_8B_LINEARS))
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
+    args = ap.parse_args()
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run with --dry-run for a CPU smoke test")
+    dtype = torch.float32 if args.dry_run else torch.bfloat16
+    shapes = TINY_LINEARS if args.dry_run else LLAMA3_8B_LINEARS
+    if args.shapes:
+        shapes = {key: value for key, value in shapes.items() if key.split()[0] in args.shapes.split(",")}
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if args.dry_run:
+        tokens = [t for t in tokens if t <= 64]
+    bandwidth = copy_bandwidth_gbs(device)
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "dtype": str(dtype).removeprefix("torch."), "copy_bandwidth_gbs": bandwidth,
+            "weights": "per-output-channel scales", "activations": "dynamic per-token scales"}
+    if device == "cuda":
+        import triton
+
+        info["triton"] = triton.__version__
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    print(json.dumps(info), flush=True)
+    rows = []
+    for name, (k, n) in shapes.items():
+        rows += bench_shape(name, k, n, tokens, device, dtype, bandwidth, args.sweep and device == "cuda")
+    lines = summary(rows)
+    print("\n".join(lines))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"info": info, "rows": rows, "summary": lines}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
