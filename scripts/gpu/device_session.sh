@@ -34,6 +34,13 @@ for phase in "$@"; do
     runtime-w4)
       timeout 300 python scripts/gpu/bench_runtime.py --models w4a16 --no-baseline --json "$OUT/runtime_8b_w4.json" \
         > "$OUT/runtime_8b_w4.txt" 2>&1 ;;
+    w8a8)
+      timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_w8a8.py tests/sparsity/test_sparse_linear.py \
+        > "$OUT/gpu_tests_helpers.txt" 2>&1
+      timeout 240 python scripts/gpu/bench_w8a8_gemm.py --out "$OUT/w8a8_gemm.json" > "$OUT/w8a8_gemm.txt" 2>&1 ;;
+    serve)
+      timeout 200 python scripts/gpu/bench_serve.py --out /tmp/serve > "$OUT/serve.txt" 2>&1
+      cp /tmp/serve/bench_serve.json /tmp/serve/serve_bench.png "$OUT/" 2>/dev/null ;;
     spec)
       for draft in none quantkit-draft; do
         for conc in 1 64; do
