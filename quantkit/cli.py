@@ -291,6 +291,7 @@ def bench_serve(
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos/--no-ignore-eos", help="Generate exactly the drawn output length (comparable runs).")] = True,
     api_key: Annotated[Optional[str], typer.Option(envvar="QUANTKIT_API_KEY", help="Bearer token for a server started with --api-key.")] = None,
     vocab_size: Annotated[Optional[int], typer.Option(help="Random prompt ids below this (default: what /v1/models reports).")] = None,
+    logprobs: Annotated[bool, typer.Option("--logprobs", help="Ask for token log-probabilities so tokens that decode to no text still count (random models).")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds one request may take.")] = 600.0,
     json_path: Annotated[Optional[str], typer.Option("--json", help="Write the results as JSON to this file ('-': stdout).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of throughput and latency against the request rate.")] = None,
@@ -306,7 +307,7 @@ def bench_serve(
         input_len_range=parse_len_range(input_len_range, "--input-len-range"),
         output_len_range=parse_len_range(output_len_range, "--output-len-range"), seed=seed,
         prompts_file=prompts_file, request_rates=parse_rates(request_rate), max_concurrency=max_concurrency,
-        ignore_eos=ignore_eos, api_key=api_key, timeout_s=timeout, vocab_size=vocab_size).check()
+        ignore_eos=ignore_eos, api_key=api_key, timeout_s=timeout, vocab_size=vocab_size, logprobs=logprobs).check()
     if plot is not None:
         bench_report.check_plot_available()
     payload = run_serve_bench(config, progress=json_path != "-")
@@ -361,7 +362,7 @@ def serve(
         engine_options["num_speculative_tokens"] = num_speculative_tokens
     run_server(model, draft=draft, host=host, port=port, settings=settings, engine_options=engine_options,
                shutdown_timeout=shutdown_timeout, log_level=log_level.lower(),
-               ready_message=lambda text: console.print(text, markup=False, highlight=False))
+               ready_message=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
 
 
 @app.command()

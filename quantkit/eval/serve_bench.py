@@ -15,7 +15,9 @@ its latency counts from the send, as in vLLM).
 
 Per request: TTFT (send to the first chunk with text), TPOT ((end - first chunk) / (output
 tokens - 1)), ITL (gaps between successive text chunks; one chunk may carry several tokens when
-the server coalesces) and end-to-end latency. Figures: mean, median and p99 over requests (ITL:
+the server coalesces) and end-to-end latency. With ``logprobs`` every request asks for its
+tokens' log-probabilities, so a chunk whose tokens decode to no text still counts (a random model
+whose vocabulary is larger than its tokenizer's). Figures: mean, median and p99 over requests (ITL:
 over all gaps), request and token throughput over the run's duration (first send to last
 response).
 """
@@ -70,6 +72,7 @@ class ServeBenchConfig:
     api_key: str | None = None
     timeout_s: float = 600.0
     vocab_size: int | None = None  # random prompt ids below this (default: what the server reports)
+    logprobs: bool = False  # ask for token log-probabilities: every token shows, even one without text
 
     def check(self) -> ServeBenchConfig:
         if not self.url.startswith(("http://", "https://")):
@@ -100,7 +103,8 @@ class ServeBenchConfig:
                 "prompts": f"file {self.prompts_file}" if self.prompts_file else "random token ids",
                 "request_rates": [finite_or_none(r) for r in self.request_rates],
                 "max_concurrency": self.max_concurrency,
-                "sampling": "greedy" + (", end-of-sequence ignored" if self.ignore_eos else ""),
+                "sampling": "greedy" + (", end-of-sequence ignored" if self.ignore_eos else "")
+                            + (", token log-probabilities" if self.logprobs else ""),
                 "streaming": "stream=true, stream_options.include_usage=true"}
 
 
@@ -204,6 +208,8 @@ async def send(client, config: ServeBenchConfig, model: str, request: Request) -
                "stream": True, "stream_options": {"include_usage": True}}
     if config.ignore_eos:
         payload["ignore_eos"] = True
+    if config.logprobs:
+        payload["logprobs"] = 0
     result = Result(start=time.perf_counter())
     try:
         async with client.stream("POST", f"{config.base_url}/v1/completions", json=payload,
@@ -224,7 +230,8 @@ async def send(client, config: ServeBenchConfig, model: str, request: Request) -
                 if "error" in chunk:
                     result.error = chunk["error"].get("message", "error event")
                     break
-                if any(choice.get("text") for choice in chunk.get("choices") or []):
+                if any(choice.get("text") or (choice.get("logprobs") or {}).get("tokens")
+                       for choice in chunk.get("choices") or []):
                     if result.first_chunk is None:
                         result.first_chunk = now
                     result.chunk_times.append(now)

@@ -86,6 +86,8 @@ class OutputStream:
             if self._latest is not None and self._latest is not self._taken:
                 self._taken = self._latest
                 return self._taken
+            if self.ended:
+                raise internal("the request already ended")  # a caller bug; never wait forever
             self._ready.clear()
             await self._ready.wait()
 

@@ -195,14 +195,34 @@ async def run(request: Request, ctx: ServerContext, prepared: Prepared) -> Respo
     engine = ctx.engine
     stream = engine.submit(prepared.request_id, prepared.prompt_ids, prepared.params, prepared.stream,
                            limit=ctx.settings.max_in_flight)
-    first = await _unless_disconnected(request, stream)  # an APIError here is answered with its status
+    try:
+        first = await _unless_disconnected(request, stream)  # an APIError here is answered with its status
+    except asyncio.CancelledError:  # the server is cancelling this handler
+        engine.abort(prepared.request_id)
+        raise
     if first is None:
         engine.abort(prepared.request_id)
         return Response(status_code=499)  # nobody is there to read it
     if not prepared.stream:
         return JSONResponse(prepared.formatter.full(first))
-    return StreamingResponse(_events(engine, stream, prepared, first), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return _EngineStream(_events(engine, stream, prepared, first), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                         on_close=lambda: None if stream.ended else engine.abort(prepared.request_id))
+
+
+class _EngineStream(StreamingResponse):
+    """A streaming response that aborts its request if it ends (or never starts) before the
+    request does: a client gone before the first chunk is sent never runs the generator."""
+
+    def __init__(self, content, *, on_close, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 async def _events(engine: AsyncEngine, stream: OutputStream, prepared: Prepared, first):

@@ -1,0 +1,216 @@
+"""`quantkit serve` on a randomly initialised Llama-3-8B-shaped model on one GPU: the load
+generator at several request rates, and the HTTP layer's overhead against the engine alone.
+
+Speed does not depend on the weights' values, so the model is random (bf16, std 0.02), built on
+the GPU and never written to disk (as ``bench_runtime.py`` does); it gets the bundled tokenizer so
+the server can stream text. Prompts are random token ids below the tokenizer's size; the model's
+128k vocabulary is larger than the tokenizer's, so most generated tokens decode to no text, and
+the load generator asks for token log-probabilities (``--logprobs``) so every token is seen.
+
+1. the engine alone: ``quantkit bench``'s offline loop on the workload, all requests at once;
+2. the server: the same engine behind ``quantkit.server`` (uvicorn in this process, exactly as
+   ``quantkit serve`` runs it), loaded with ``quantkit bench serve`` in a separate process at
+   ``--rates``; the first rate (inf) replays exactly the engine-alone workload (same seed, same
+   prompts token for token), the others get fresh prompts, so no run profits from another's
+   prefix cache;
+3. the overhead: 1 - (output tokens/s through HTTP at inf) / (output tokens/s of the engine alone).
+
+Everything goes to ``--out``: ``bench_serve.json`` (rewritten after every step, so a run cut
+short keeps what it measured), ``serve_bench.json`` and ``serve_bench.png`` from the load
+generator, ``metrics.txt`` (the server's Prometheus text at the end).
+
+    python scripts/gpu/bench_serve.py --out out/gpu/serve [--model w4a16]    # on the GPU machine
+    python scripts/gpu/bench_serve.py --tiny --out /tmp/serve-tiny            # a small shape on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_runtime import LLAMA3_8B, TINY, quantize_w4a16_in_place, random_model
+
+from quantkit.eval.latency import close_engine, engine_setup, open_engine
+from quantkit.eval.throughput import BenchConfig, engine_runs, parse_len_range
+
+FULL = {"num_requests": 128, "input_len_range": "128,1024", "output_len_range": "64,256", "rates": "inf,2,4,8,16"}
+SMALL = {"num_requests": 12, "input_len_range": "8,32", "output_len_range": "4,12", "rates": "inf,20"}
+SERVED_NAME = "llama-3-8b-shape"
+
+
+def loaded_model(model, label: str):
+    """The in-memory model as the loader would hand it over, with the bundled tokenizer."""
+    from transformers import AutoTokenizer
+
+    from quantkit.models.adapters.registry import get_adapter
+    from quantkit.models.bundled import BUNDLED_MODELS
+    from quantkit.models.loading import LoadedModel
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BUNDLED_MODELS["quantkit-target"]))
+    return LoadedModel(model, tokenizer, label, get_adapter(model.config), None)
+
+
+def engine_options(args) -> dict:
+    return {"device": args.device, "kv_cache_tokens": args.kv_cache_tokens, "max_num_seqs": args.max_num_seqs,
+            "gpu_memory_utilization": args.gpu_memory_utilization}
+
+
+def bench_config(args) -> BenchConfig:
+    return BenchConfig(num_requests=args.num_requests, seed=args.seed,
+                       input_len_range=parse_len_range(args.input_len_range, "--input-len-range"),
+                       output_len_range=parse_len_range(args.output_len_range, "--output-len-range")).check()
+
+
+def engine_alone(loaded, args) -> dict:
+    engine = open_engine(loaded, **engine_options(args))
+    try:
+        setup = engine_setup(engine, loaded.path, args.device)
+        runs, _ = engine_runs(engine, bench_config(args), args.device, None, progress=False)
+    finally:
+        close_engine(engine)
+    return {"setup": setup, "run": runs[0]}
+
+
+class InProcessServer:
+    """The server ``quantkit serve`` runs, on a free port of 127.0.0.1, in a background thread."""
+
+    def __init__(self, loaded, args) -> None:
+        import uvicorn
+
+        from quantkit.runtime.engine import Engine
+        from quantkit.server.app import build_app
+        from quantkit.server.async_engine import AsyncEngine
+        from quantkit.server.generation import ServerContext
+        from quantkit.server.settings import ServerSettings
+
+        self.engine = AsyncEngine(lambda: Engine(loaded, **engine_options(args)))
+        settings = ServerSettings(served_names=[SERVED_NAME], max_num_seqs=args.max_num_seqs,
+                                  max_queue=max(512, args.num_requests))
+        app = build_app(ServerContext(self.engine, settings), manage_engine=True)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + args.load_timeout
+        while time.monotonic() < deadline:
+            if self.server.started and self.engine.wait_loaded(0.5):
+                break
+            time.sleep(0.1)
+        if not self.engine.ready:
+            raise SystemExit(f"the server's engine is not ready: {self.engine.state} {self.engine.problem or ''}")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(120)
+
+
+def save(results: dict, out: Path) -> None:
+    (out / "bench_serve.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def summary(results: dict) -> list[str]:
+    lines = []
+    alone = (results.get("engine_alone") or {}).get("run")
+    if alone:
+        lines.append(f"engine alone: {alone['requests_per_s']:.2f} req/s, {alone['output_tokens_per_s']:.0f} output "
+                     f"tokens/s, TTFT median {1e3 * alone['ttft_s']['median']:.0f} ms, TPOT median "
+                     f"{1e3 * alone['tpot_s']['median']:.1f} ms")
+    for run_ in (results.get("serve") or {}).get("runs", []):
+        rate = "inf" if run_["request_rate"] is None else f"{run_['request_rate']:g}/s"
+        lines.append(f"HTTP at {rate}: {run_['requests_per_s']:.2f} req/s, {run_['output_tokens_per_s']:.0f} output "
+                     f"tokens/s, TTFT p50/p99 {1e3 * run_['ttft_s']['median']:.0f}/{1e3 * run_['ttft_s']['p99']:.0f} ms, "
+                     f"TPOT p50/p99 {1e3 * run_['tpot_s']['median']:.1f}/{1e3 * run_['tpot_s']['p99']:.1f} ms, "
+                     f"failed {run_['failed']}")
+    overhead = results.get("http_overhead")
+    if overhead:
+        lines.append(f"HTTP overhead at saturation: {100 * overhead['throughput_loss']:.1f}% of output tokens/s "
+                     f"({overhead['served_output_tokens_per_s']:.0f} vs {overhead['engine_output_tokens_per_s']:.0f})")
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="folder for the results")
+    ap.add_argument("--tiny", action="store_true", help="a small shape on the CPU (checks the script)")
+    ap.add_argument("--model", choices=["bf16", "w4a16"], default="bf16",
+                    help="dense bf16, or W4A16 g128 RTN of it (quantized in place)")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--num-requests", type=int)
+    ap.add_argument("--input-len-range")
+    ap.add_argument("--output-len-range")
+    ap.add_argument("--rates", help="request rates of the sweep; the first must be inf (the overhead baseline)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--kv-cache-tokens", type=int, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap.add_argument("--load-timeout", type=float, default=600.0)
+    args = ap.parse_args()
+    for key, value in (SMALL if args.tiny else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if not args.rates.split(",")[0].strip().lower().startswith("inf"):
+        raise SystemExit("--rates must start with inf: that run is compared with the engine alone")
+    args.device = "cpu" if args.tiny else "cuda"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    shape = dict(TINY if args.tiny else LLAMA3_8B)
+    shape["num_hidden_layers"] = args.layers or shape["num_hidden_layers"]
+    results = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
+               "model": f"{'tiny' if args.tiny else 'Llama-3-8B'} shape, random weights, {args.model}", "shape": shape,
+               "workload": {k: getattr(args, k) for k in ("num_requests", "input_len_range", "output_len_range",
+                                                          "rates", "seed", "max_num_seqs")},
+               "sampling": "greedy, end-of-sequence ignored; the HTTP runs stream with token log-probabilities"}
+    started = time.perf_counter()
+    model = random_model(shape, args.device)
+    if args.device == "cpu":
+        model = model.float()  # the CPU computes in float32, as load_model(dtype="auto") would
+    if args.model == "w4a16":
+        quantize_w4a16_in_place(model)
+    loaded = loaded_model(model, f"random Llama-3-8B-shape {args.model}")
+    results["build_seconds"] = time.perf_counter() - started
+    save(results, out)
+
+    results["engine_alone"] = engine_alone(loaded, args)
+    save(results, out)
+    print("\n".join(summary(results)), flush=True)
+
+    server = InProcessServer(loaded, args)
+    try:
+        command = [sys.executable, "-m", "quantkit", "bench", "serve", server.base, "--num-requests",
+                   str(args.num_requests), "--input-len-range", args.input_len_range, "--output-len-range",
+                   args.output_len_range, "--seed", str(args.seed), "--request-rate", args.rates, "--logprobs",
+                   "--json", str(out / "serve_bench.json"), "--plot", str(out / "serve_bench.png")]
+        results["load_generator_command"] = " ".join(command[1:])
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        results["serve"] = json.loads((out / "serve_bench.json").read_text())
+        (out / "metrics.txt").write_text(httpx.get(server.base + "/metrics", timeout=30).text)
+    finally:
+        server.stop()
+    saturated = results["serve"]["runs"][0]
+    if saturated["failed"] == 0:
+        engine_tps = results["engine_alone"]["run"]["output_tokens_per_s"]
+        results["http_overhead"] = {
+            "engine_output_tokens_per_s": engine_tps, "served_output_tokens_per_s": saturated["output_tokens_per_s"],
+            "throughput_loss": 1 - saturated["output_tokens_per_s"] / engine_tps,
+            "note": "same engine, model and workload (seed, prompts, lengths), all requests at once"}
+    results["summary"] = summary(results)
+    save(results, out)
+    print("\n".join(results["summary"]))
+
+
+if __name__ == "__main__":
+    main()
