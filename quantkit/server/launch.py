@@ -70,6 +70,8 @@ def serve(model: str | None, *, draft: str | None = None, host: str = "127.0.0.1
         options["draft"] = draft
     sock = bind_socket(host, port)
     _configure_logging(log_level)
+    if settings.api_key is None and not _is_loopback(host):
+        logger.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
 
     def load():
         from quantkit.runtime.engine import Engine
@@ -92,6 +94,17 @@ def serve(model: str | None, *, draft: str | None = None, host: str = "127.0.0.1
     server.run(sockets=[sock])
     if async_engine.state == FAILED:
         raise QuantkitError(f"the model failed to load: {async_engine.problem}")
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _configure_logging(level: str) -> None:

@@ -76,3 +76,45 @@ def test_replay_comparison():
     assert _compare_replay(sent, out("abc", [1, 2, 3])) == "caught_up"
     assert _compare_replay(sent, out("ax", [1, 9])) == "diverged"
     assert _compare_replay(sent, out("a", [1], "stop", True)) == "diverged"
+
+
+def test_the_tokenizers_own_chat_template_is_used():
+    from transformers import AutoTokenizer
+
+    from quantkit.models.bundled import BUNDLED_MODELS
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BUNDLED_MODELS["quantkit-target"]))
+    tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert render(tokenizer, [("system", "Be brief."), ("user", "Hi")]) == \
+        "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>"
+
+
+def test_metrics_text_has_every_family_and_speculation_when_on():
+    from quantkit.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics()
+    metrics.snapshot = {"ready": True, "running": 3, "waiting": 2, "kv_usage": 0.25, "kv_blocks": 64,
+                        "prefix_hit_rate": 0.5, "prefix_queries": 100, "prefix_hits": 50, "preemptions": 1,
+                        "step_failures": 0, "spec": {"num_proposed": 40, "num_accepted": 30, "num_emitted": 40,
+                                                     "acceptance_rate": 0.75, "mean_accepted_length": 3.0}}
+    metrics.record_ttft(0.05)
+    metrics.record_itl(0.01)
+    metrics.record_finish("stop", 0.4)
+    metrics.prompt_tokens.inc(7)
+    metrics.generation_tokens.inc(9)
+    text = metrics.render().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["quantkit_num_requests_running"] == 3 and values["quantkit_num_requests_waiting"] == 2
+    assert values["quantkit_kv_cache_usage_perc"] == 0.25 and values["quantkit_prefix_cache_hit_rate"] == 0.5
+    assert values["quantkit_prompt_tokens_total"] == 7 and values["quantkit_generation_tokens_total"] == 9
+    assert values["quantkit_time_to_first_token_seconds_count"] == 1
+    assert values['quantkit_time_to_first_token_seconds_bucket{le="0.06"}'] == 1
+    assert values["quantkit_inter_token_latency_seconds_count"] == 1
+    assert values['quantkit_request_success_total{finished_reason="stop"}'] == 1
+    assert values["quantkit_e2e_request_latency_seconds_sum"] == 0.4
+    assert values["quantkit_spec_decode_acceptance_rate"] == 0.75
+    assert values["quantkit_spec_decode_num_accepted_tokens_total"] == 30
+    metrics.snapshot = {k: v for k, v in metrics.snapshot.items() if k != "spec"}
+    assert "spec_decode" not in metrics.render().decode()
