@@ -120,7 +120,7 @@ def distill(teacher: str | None, student: str, output: str | Path, config: Disti
     run_device = accelerator.device
 
     notify("phase", "loading models")
-    teacher_loaded, student_loaded = _load_pair(teacher, student, config, run_device)
+    teacher_loaded, student_loaded = _load_pair(teacher, student)
     tokenizer = student_loaded.tokenizer
     model = student_loaded.model
     masks, targets = _fixed_masks(student_loaded, config)
@@ -299,12 +299,12 @@ def _check_device(device: str) -> str:
     return "cpu"
 
 
-def _load_pair(teacher: str | None, student: str, config: DistillConfig, device: torch.device):
+def _load_pair(teacher: str | None, student: str):
     from quantkit.models.loading import load_model
 
-    half = {"bf16": "bfloat16", "fp16": "float16"}.get(config.mixed_precision)
-    teacher_dtype = half if half and device.type == "cuda" else "float32"
-    teacher_loaded = load_model(teacher, dtype=teacher_dtype, device="cpu")
+    # float32 like the student: mixed precision comes from autocast, and the report compares the
+    # teacher's and the student's perplexity computed alike
+    teacher_loaded = load_model(teacher, dtype="float32", device="cpu")
     student_loaded = load_model(student, dtype="float32", device="cpu")
     if student_loaded.quantization_config is not None:
         method = student_loaded.quantization_config.get("quant_method", "?")

@@ -4,6 +4,8 @@ Weights come from quantkit's own loader, so every layout it reads (fp16/bf16, GP
 compressed-tensors) arrives as either ``nn.Linear`` or a ``DequantLinear`` whose ``unpacked()``
 view is repacked once for the kernels (``quantkit.kernels.pack_quantized_weight``). Linears that
 read the same input (q/k/v, gate/up) are fused into one wider layer when their formats agree.
+Dense weights that are 2:4 sparse run on PyTorch's semi-structured sparse kernels on a GPU
+(``runtime/sparse_linear.py``).
 """
 
 from __future__ import annotations
@@ -19,14 +21,15 @@ from quantkit.kernels import (
     quantized_linear,
 )
 from quantkit.quant.dequant_linear import DequantLinear, UnpackedWeight
+from quantkit.runtime.sparse_linear import semi_structured_weight, sparse_linear
 
 
 class RuntimeLinear:
     def __init__(self, weight: torch.Tensor | None = None, packed: PackedWeight | None = None,
-                 bias: torch.Tensor | None = None) -> None:
-        if (weight is None) == (packed is None):
-            raise ValueError("give exactly one of a dense weight or a packed one")
-        self.weight, self.packed, self.bias = weight, packed, bias
+                 bias: torch.Tensor | None = None, sparse: torch.Tensor | None = None) -> None:
+        if sum(w is not None for w in (weight, packed, sparse)) != 1:
+            raise ValueError("give exactly one of a dense weight, a packed one or a 2:4 compressed one")
+        self.weight, self.packed, self.bias, self.sparse = weight, packed, bias, sparse
 
     @property
     def quantized(self) -> bool:
@@ -34,11 +37,15 @@ class RuntimeLinear:
 
     @property
     def out_features(self) -> int:
+        if self.sparse is not None:
+            return self.sparse.shape[0]
         return self.packed.out_features if self.packed is not None else self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return quantized_linear(x, self.packed, self.bias)
+        if self.sparse is not None:
+            return sparse_linear(x, self.sparse, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -49,7 +56,9 @@ def runtime_linears(modules: list[nn.Module], dtype: torch.dtype, device: torch.
     bias = None if all(b is None for b in biases) else torch.cat(
         [b if b is not None else torch.zeros(_out(m), dtype=dtype, device=device) for b, m in zip(biases, modules)])
     if all(isinstance(m, nn.Linear) for m in modules):
-        return RuntimeLinear(weight=torch.cat([m.weight.detach().to(device, dtype) for m in modules]), bias=bias)
+        weight = torch.cat([m.weight.detach().to(device, dtype) for m in modules])
+        sparse = semi_structured_weight(weight)  # 2:4 weights on a GPU: the sparse kernels
+        return RuntimeLinear(bias=bias, **({"sparse": sparse} if sparse is not None else {"weight": weight}))
     if all(isinstance(m, DequantLinear) for m in modules):
         views = [m.unpacked() for m in modules]
         return RuntimeLinear(packed=_pack(views, dtype, device), bias=bias)

@@ -1,4 +1,5 @@
-"""One llm-compressor run: `oneshot` with GPTQModifier or AWQModifier on quantkit's calibration tokens.
+"""One llm-compressor run: `oneshot` with GPTQModifier, AWQModifier, SparseGPTModifier or
+WandaPruningModifier on quantkit's calibration tokens.
 
 What is evaluated is the model object `oneshot` returns (its linears fake-quantize their weights
 through compressed-tensors in every forward). The compressed-tensors checkpoint it then saves is
@@ -68,6 +69,14 @@ def build_recipe(spec: RunSpec) -> list:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform import AWQModifier
 
+    if spec.method == "sparsegpt":
+        from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+        return [SparseGPTModifier(ignore=["re:.*lm_head"], **spec.options)]
+    if spec.method == "wanda":
+        from llmcompressor.modifiers.pruning import WandaPruningModifier
+
+        return [WandaPruningModifier(ignore=["re:.*lm_head"], **spec.options)]
     scheme = weight_scheme(spec)
     if spec.method == "gptq":
         return [GPTQModifier(ignore=["lm_head"], **scheme, **spec.options)]

@@ -62,6 +62,17 @@ RUNS: tuple[RunSpec, ...] = (
 )
 
 
+# Pruning (scripts/peers/run_peers_sparsity.py): llm-compressor's SparseGPTModifier (defaults: block_size
+# 128, dampening_frac 0.01, sequential per decoder layer) and WandaPruningModifier, lm_head ignored.
+SPARSITY_RUNS: tuple[RunSpec, ...] = tuple(
+    RunSpec(f"lc-{method}-{label}", "llmcompressor", method, default=False,
+            options={"sparsity": 0.5, "mask_structure": structure}, note=f"{method} {label}")
+    for method in ("sparsegpt", "wanda")
+    for label, structure in (("50", "0:0"), ("2of4", "2:4"))
+)
+RUNS = RUNS + SPARSITY_RUNS
+
+
 def run_named(name: str) -> RunSpec:
     for spec in RUNS:
         if spec.name == name:
