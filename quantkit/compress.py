@@ -40,7 +40,6 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
     The output folder is checked before any work starts and written atomically at the end, so a
     failure leaves nothing behind. ``on_start`` receives the number of decoder layers.
     """
-    from quantkit.formats import save_checkpoint
     from quantkit.models.loading import load_model
 
     output = Path(output)

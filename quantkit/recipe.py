@@ -27,7 +27,14 @@ import yaml
 
 from quantkit.errors import QuantkitError
 from quantkit.quant.scheme import QuantScheme, parse_scheme
-from quantkit.recipe_w8a8 import W8A8_METHODS, EightBitStep, KVCacheStep, SmoothQuantStep, check_step_order, parse_w8a8_step
+from quantkit.recipe_w8a8 import (
+    W8A8_METHODS,
+    EightBitStep,
+    KVCacheStep,
+    SmoothQuantStep,
+    check_step_order,
+    parse_w8a8_step,
+)
 from quantkit.sparsity.step import SPARSITY_METHODS, SparsityStep, parse_sparsity_step
 
 FORMATS = ("gptq", "awq", "compressed-tensors")
@@ -96,7 +103,7 @@ class WeightQuantStep:
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: tuple[WeightQuantStep | SmoothQuantStep | EightBitStep | KVCacheStep, ...]
+    steps: tuple[WeightQuantStep | SparsityStep | SmoothQuantStep | EightBitStep | KVCacheStep, ...]
     name: str = "custom"
     description: str = ""
     format: str = "gptq"

@@ -103,8 +103,9 @@ def main() -> None:
 
 def table(payload: dict) -> str:
     """The README's markdown table from a payload of this script."""
-    lines = ["| model | config | WikiText-2 ppl | held-out Wikipedia ppl | top-1 agreement (WT2 / held-out) | "
-             "mean KL (WT2 / held-out) |", "| --- | --- | --- | --- | --- | --- |"]
+    header = ("| model | config | WikiText-2 ppl | held-out Wikipedia ppl | top-1 agreement (WT2 / held-out) | "
+              "mean KL (WT2 / held-out) |")
+    lines = [header, "| --- | --- | --- | --- | --- | --- |"]
     floats = {row["model"]: row for row in payload["rows"] if row["label"] == "float"}
     for row in payload["rows"]:
         base = floats[row["model"]]

@@ -178,7 +178,10 @@ class _CompressedTensorsLayout(QuantizedLayout):
 
     def load(self, path: Path | str, *, dtype: torch.dtype | str = torch.float32,
              device: str | torch.device = "cpu") -> Any:
-        from quantkit.formats.compressed_tensors_8bit import EIGHT_BIT_FORMATS, load_8bit_checkpoint
+        from quantkit.formats.compressed_tensors_8bit import (
+            EIGHT_BIT_FORMATS,
+            load_8bit_checkpoint,
+        )
 
         qcfg = read_config_json(path).get("quantization_config")
         if isinstance(qcfg, dict) and qcfg.get("format") in EIGHT_BIT_FORMATS:

@@ -63,12 +63,16 @@ from quantkit.formats.quantized_folder import (
     finish_loading,
     float_linears,
     install_layer,
-    write_quantized_folder,
     linear_module,
     linear_shape,
     resolve_dtype,
+    write_quantized_folder,
 )
-from quantkit.quant.kv_cache import attach_kv_scales, kv_cache_scheme_args, use_kv_quantized_attention
+from quantkit.quant.kv_cache import (
+    attach_kv_scales,
+    kv_cache_scheme_args,
+    use_kv_quantized_attention,
+)
 from quantkit.quant.w8a8 import FP8_DTYPE, EightBitWeight
 from quantkit.quant.w8a8_linear import W8A8Linear
 
@@ -201,7 +205,7 @@ def load_8bit_checkpoint(path: Path | str, *, dtype: torch.dtype | str = torch.f
 
 def _eight_bit_layers(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     names = []
-    for key, value in tensors.items():
+    for key in tensors:
         if key.endswith(".weight_scale"):
             name = key.removesuffix(".weight_scale")
             weight = tensors.get(f"{name}.weight")

@@ -7,6 +7,7 @@ as one padded tile of BLOCK_G rows) over its key range and writes a partial resu
 output, running max, sum of exponentials); a second kernel combines the splits. With one split
 the first kernel writes the output directly. The split is sized from shapes only (the block
 tables' capacity, or a caller's bound), so launches need no host sync and CUDA graphs can hold them.
+An 8-bit cache is read as in ``attention_triton`` (KV_QUANT: per-head scales on scores and output).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import triton.language as tl
 
 from quantkit.kernels.attention_triton import LOG2_E
 from quantkit.kernels.backend import dot_precision, next_power_of_2
+from quantkit.kernels.kv_quant import check_kv_scales
 
 MIN_SPLIT_LEN = (
     256  # fewer keys per program than this costs more in the combine than it gains
@@ -36,6 +38,8 @@ def _paged_decode_kernel(
     v_cache_ptr,
     block_tables_ptr,
     seq_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     scale_log2,
     split_len,
     stride_qt,
@@ -55,6 +59,7 @@ def _paged_decode_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_QUANT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -81,6 +86,8 @@ def _paged_decode_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
     cache_head = kv_head * stride_cache_head
+    if KV_QUANT:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr + kv_head)
     for start in range(key_begin, key_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_valid = keys < key_end
@@ -96,6 +103,8 @@ def _paged_decode_kernel(
         k = tl.load(
             k_cache_ptr + slot[:, None] + dims[None, :], mask=tile_mask, other=0.0
         )
+        if KV_QUANT:
+            k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         s = tl.where(key_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -105,12 +114,16 @@ def _paged_decode_kernel(
         v = tl.load(
             v_cache_ptr + slot[:, None] + dims[None, :], mask=tile_mask, other=0.0
         )
+        if KV_QUANT:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(
             p.to(v.dtype), v, input_precision=DOT_PRECISION
         )
         m_i = m_new
 
     out = acc / l_i[:, None]
+    if KV_QUANT:
+        out = out * tl.load(v_scale_ptr + kv_head)
     out_mask = row_valid[:, None] & dim_valid[None, :]
     if NUM_SPLITS == 1:
         out_ptrs = out_ptr + seq * stride_ot + head[:, None] * stride_oh + dims[None, :]
@@ -212,6 +225,8 @@ def paged_decode_triton(
     num_splits: int | None = None,
     block_n: int = 32,
     num_warps: int = 4,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence (q: (B, Hq, D)) over its whole sequence.
 
@@ -220,6 +235,7 @@ def paged_decode_triton(
     The default tile (32 keys, 4 warps) keeps a head_dim-128 program within the register file
     without spilling on sm_90 (64 keys at 4 warps spills).
     """
+    quantized = check_kv_scales(k_cache, k_scale, v_scale) is not None
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty_like(q)
     batch, q_heads, head_dim = q.shape
@@ -255,6 +271,8 @@ def paged_decode_triton(
         v_cache,
         block_tables,
         seq_lens,
+        k_scale if quantized else seq_lens,  # never read without KV_QUANT
+        v_scale if quantized else seq_lens,
         scale * LOG2_E,
         split_len,
         q.stride(0),
@@ -274,6 +292,7 @@ def paged_decode_triton(
         BLOCK_N=block_n,
         NUM_SPLITS=splits,
         DOT_PRECISION=dot_precision(q.dtype),
+        KV_QUANT=quantized,
         num_warps=num_warps,
         num_stages=2,
     )

@@ -8,11 +8,15 @@ cache; the new tokens are the last ``n_b`` of the sequence, so its query ``i`` s
 ``seq_lens[b] - n_b + i`` and attends to the keys at positions ``0`` to that position. Key ``j``
 of sequence ``b`` lives in cache block ``block_tables[b, j // block_size]`` at offset
 ``j % block_size``. Grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hkv)``.
+An int8 or float8_e4m3fn cache holds 8-bit codes: ``k_scale``/``v_scale`` (Hkv,) dequantize them
+(``kernels/kv_quant.py``).
 """
 
 from __future__ import annotations
 
 import torch
+
+from quantkit.kernels.kv_quant import check_kv_scales
 
 
 def check_paged_attention_args(
@@ -57,16 +61,22 @@ def paged_attention_reference(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output (T, Hq, D) in q's dtype, softmax in float32, one sequence at a time."""
     check_paged_attention_args(
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens
     )
+    quantized = check_kv_scales(k_cache, k_scale, v_scale) is not None
     out = torch.empty_like(q)
     starts = query_start_loc.tolist()
     for b, seq_len in enumerate(seq_lens.tolist()):
         rows = slice(starts[b], starts[b + 1])
         keys, values = gather_sequence_kv(k_cache, v_cache, block_tables[b], seq_len)
+        if quantized:
+            keys = keys.float() * k_scale.view(1, -1, 1)
+            values = values.float() * v_scale.view(1, -1, 1)
         out[rows] = _causal_attention(q[rows], keys, values, scale).to(q.dtype)
     return out
 

@@ -11,6 +11,11 @@ Sequences' query blocks are numbered without a host sync: sequence ``b``'s block
 program finds its sequence by binary search (programs past a sequence's last query exit).
 When every sequence has one query (decode), ``paged_attention_triton`` runs the flash-decoding
 kernel of ``attention_decode_triton`` instead.
+
+8-bit cache (KV_QUANT): the codes are widened to q's dtype in registers (exact: int8 and e4m3
+values are 16-bit floats), the key scale of the program's kv head multiplies the scores and the
+value scale the output, so ``q · (s_k k) = s_k (q · k)`` and ``Σ p (s_v v) = s_v Σ p v`` cost one
+multiply each per tile.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import triton.language as tl
 
 from quantkit.kernels.attention_reference import check_paged_attention_args
 from quantkit.kernels.backend import dot_precision, next_power_of_2
+from quantkit.kernels.kv_quant import check_kv_scales
 
 LOG2_E = 1.4426950408889634
 
@@ -49,6 +55,8 @@ def _paged_prefill_kernel(
     block_tables_ptr,
     query_start_loc_ptr,
     seq_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     scale_log2,
     num_seqs,
     stride_qt,
@@ -67,6 +75,7 @@ def _paged_prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    KV_QUANT: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -102,6 +111,8 @@ def _paged_prefill_kernel(
     kv_end = context_len + tl.minimum((local_block + 1) * BLOCK_Q, num_queries)
     table = block_tables_ptr + seq.to(tl.int64) * stride_table
     cache_head = kv_head * stride_cache_head
+    if KV_QUANT:
+        scale_log2 = scale_log2 * tl.load(k_scale_ptr + kv_head)
     for start in range(0, kv_end, BLOCK_N):
         keys = start + tl.arange(0, BLOCK_N)
         key_valid = keys < kv_end
@@ -117,6 +128,8 @@ def _paged_prefill_kernel(
         k = tl.load(
             k_cache_ptr + slot[:, None] + dims[None, :], mask=tile_mask, other=0.0
         )
+        if KV_QUANT:
+            k = k.to(q.dtype)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         visible = (keys[None, :] <= query_pos[:, None]) & key_valid[None, :]
         s = tl.where(visible, s, float("-inf"))
@@ -127,12 +140,16 @@ def _paged_prefill_kernel(
         v = tl.load(
             v_cache_ptr + slot[:, None] + dims[None, :], mask=tile_mask, other=0.0
         )
+        if KV_QUANT:
+            v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(
             p.to(v.dtype), v, input_precision=DOT_PRECISION
         )
         m_i = m_new
 
     out = acc / l_i[:, None]
+    if KV_QUANT:
+        out = out * tl.load(v_scale_ptr + kv_head)
     tl.store(
         out_ptr
         + (q_start + query)[:, None] * stride_ot
@@ -155,6 +172,8 @@ def paged_attention_triton(
     max_seq_len: int | None = None,
     block_m: int = 64,
     block_n: int = 64,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton version of ``paged_attention_reference``; flash-decoding when every sequence has one query.
 
@@ -172,7 +191,8 @@ def paged_attention_triton(
         from quantkit.kernels.attention_decode_triton import paged_decode_triton
 
         return paged_decode_triton(
-            q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len
+            q, k_cache, v_cache, block_tables, seq_lens, scale, max_seq_len=max_seq_len,
+            k_scale=k_scale, v_scale=v_scale,
         )
     return paged_prefill_triton(
         q,
@@ -184,6 +204,8 @@ def paged_attention_triton(
         scale,
         block_m=block_m,
         block_n=block_n,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
 
 
@@ -198,8 +220,11 @@ def paged_prefill_triton(
     *,
     block_m: int = 64,
     block_n: int = 64,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The general kernel, for any mix of query counts per sequence."""
+    quantized = check_kv_scales(k_cache, k_scale, v_scale) is not None
     q = q if q.stride(-1) == 1 else q.contiguous()
     out = torch.empty_like(q)
     if q.shape[0] == 0:
@@ -217,6 +242,8 @@ def paged_prefill_triton(
         block_tables,
         query_start_loc,
         seq_lens,
+        k_scale if quantized else seq_lens,  # never read without KV_QUANT
+        v_scale if quantized else seq_lens,
         scale * LOG2_E,
         seq_lens.shape[0],
         q.stride(0),
@@ -235,6 +262,7 @@ def paged_prefill_triton(
         BLOCK_Q=block_q,
         BLOCK_N=max(block_n, 16),
         DOT_PRECISION=dot_precision(q.dtype),
+        KV_QUANT=quantized,
         num_warps=8,  # at 4 warps a 64 x 64 tile of head_dim 128 spills registers on sm_90
         num_stages=2,
     )

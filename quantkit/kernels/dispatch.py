@@ -25,14 +25,17 @@ def write_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Store token ``t``'s k, v (T, Hkv, D) in cache slot ``slot_mapping[t]`` (int64; -1 skips)."""
+    """Store token ``t``'s k, v (T, Hkv, D) in cache slot ``slot_mapping[t]`` (int64; -1 skips);
+    an 8-bit cache (int8, float8_e4m3fn) takes per-head scales (Hkv,) and stores codes."""
     if use_triton(k):
         from quantkit.kernels.kv_write_triton import write_kv_triton
 
-        write_kv_triton(k, v, k_cache, v_cache, slot_mapping)
+        write_kv_triton(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     else:
-        write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
+        write_kv_reference(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
 
 def paged_attention(
@@ -45,8 +48,12 @@ def paged_attention(
     scale: float,
     *,
     max_seq_len: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention (T, Hq, D) of packed new tokens over the paged cache (see ``attention_reference``).
+
+    An 8-bit cache (int8, float8_e4m3fn) needs its per-head ``k_scale``/``v_scale`` (Hkv,).
 
     Every sequence must have at least one new token; when each has exactly one (T == B) the GPU
     runs the flash-decoding kernel. ``max_seq_len``: optional upper bound of ``seq_lens``, a
@@ -64,9 +71,11 @@ def paged_attention(
             seq_lens,
             scale,
             max_seq_len=max_seq_len,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
     return paged_attention_reference(
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, k_scale, v_scale
     )
 
 

@@ -13,7 +13,12 @@ from quantkit.errors import QuantkitError
 from quantkit.pipeline.capture import run_layer
 from quantkit.pipeline.context import LayerContext
 from quantkit.pipeline.replay import StopLayer
-from quantkit.quant.kv_cache import KVAbsMax, attach_kv_scales, kv_scale, use_kv_quantized_attention
+from quantkit.quant.kv_cache import (
+    KVAbsMax,
+    attach_kv_scales,
+    kv_scale,
+    use_kv_quantized_attention,
+)
 from quantkit.recipe_w8a8 import KVCacheStep
 
 

@@ -20,7 +20,12 @@ from torch import nn
 from quantkit.models.folding import fold_input_scales
 from quantkit.pipeline.context import LayerContext
 from quantkit.quant.smoothquant import ChannelAbsMax, search_alpha, smoothing_scales
-from quantkit.quant.w8a8 import EightBitWeight, fake_quantize_activation, quantize_weight, scale_from_absmax
+from quantkit.quant.w8a8 import (
+    EightBitWeight,
+    fake_quantize_activation,
+    quantize_weight,
+    scale_from_absmax,
+)
 from quantkit.quant.weights import set_weight_out_in, weight_out_in
 from quantkit.recipe_w8a8 import EightBitStep, SmoothQuantStep
 

@@ -25,7 +25,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from quantkit.quant.w8a8 import dequantize, quantize, quantize_activation, scale_from_absmax, weight_scale
+from quantkit.quant.w8a8 import (
+    dequantize,
+    quantize,
+    quantize_activation,
+    scale_from_absmax,
+    weight_scale,
+)
 
 # Floors of max|X| and max|W| (as the reference implementation): dead channels keep a finite scale.
 _FLOOR = 1e-5

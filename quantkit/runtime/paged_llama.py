@@ -5,7 +5,9 @@ Weights, norms and rotary tables come from the transformers model that quantkit'
 Norms, the rotary-embedding tables and the MLP activation are the model's own modules (exactly
 transformers' arithmetic, rope scaling included); the linears become ``RuntimeLinear`` (dense or
 packed quantized, q/k/v and gate/up fused where formats agree); attention goes through
-``quantkit.kernels`` (K/V written to their slots, then paged attention over the cache).
+``quantkit.kernels`` (K/V written to their slots, then paged attention over the cache). A
+checkpoint with a quantized KV cache (``kv_cache_scheme``) gets an int8 or float8_e4m3fn cache
+with its per-head scales: half the bytes per token, dequantized inside the attention kernels.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ class PagedLlama:
         self.final_norm = inner.norm.to(device, dtype)
         self.layers = [self._layer(layer) for layer in inner.layers]
         self.lm_head = runtime_linears([model.lm_head], dtype, device)
+        self.kv_cache_dtype, self.kv_scales = _kv_cache_scales(inner.layers, self.num_kv_heads, device)
 
     def _layer(self, layer: nn.Module) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
@@ -81,11 +84,13 @@ class PagedLlama:
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (num_blocks, block_size, self.num_kv_heads, self.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
+        dtype = self.kv_cache_dtype or self.dtype
+        return [(torch.zeros(shape, dtype=dtype, device=self.device),
+                 torch.zeros(shape, dtype=dtype, device=self.device)) for _ in range(self.num_layers)]
 
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * torch.finfo(self.dtype).bits // 8
+        element = torch.empty(0, dtype=self.kv_cache_dtype or self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
 
     @torch.no_grad()
     def forward(self, batch: ForwardBatch, kv_cache: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -94,15 +99,18 @@ class PagedLlama:
         cos, sin = self.rotary(hidden, batch.positions.unsqueeze(0))
         cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
         residual = None  # the residual stream; each norm adds the sub-layer output to it first
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
+        for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
             x, residual = _norm(layer.input_norm, hidden, residual)
-            x, residual = _norm(layer.post_norm, self._attention(layer, x, cos, sin, batch, k_cache, v_cache), residual)
+            scales = self.kv_scales[index] if self.kv_scales else (None, None)
+            x, residual = _norm(layer.post_norm, self._attention(layer, x, cos, sin, batch, k_cache, v_cache, scales),
+                                residual)
             hidden = self._mlp(layer, x)
         rows = batch.logits_indices
         last, _ = _norm(self.final_norm, hidden[rows], None if residual is None else residual[rows])
         return self.lm_head(last).float()
 
-    def _attention(self, layer: _Layer, x, cos, sin, batch: ForwardBatch, k_cache, v_cache) -> torch.Tensor:
+    def _attention(self, layer: _Layer, x, cos, sin, batch: ForwardBatch, k_cache, v_cache,
+                   scales=(None, None)) -> torch.Tensor:
         tokens = x.shape[0]
         q, k, v = _split(_apply(layer.qkv, x), [self.num_heads * self.head_dim,
                                                self.num_kv_heads * self.head_dim,
@@ -113,9 +121,10 @@ class PagedLlama:
         if layer.q_norm is not None:
             q, k = layer.q_norm(q), layer.k_norm(k)
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)
-        write_kv(k, v, k_cache, v_cache, batch.slot_mapping)
+        k_scale, v_scale = scales
+        write_kv(k, v, k_cache, v_cache, batch.slot_mapping, k_scale, v_scale)
         out = paged_attention(q, k_cache, v_cache, batch.block_tables, batch.query_start_loc, batch.seq_lens,
-                              self.scale, max_seq_len=batch.max_seq_len)
+                              self.scale, max_seq_len=batch.max_seq_len, k_scale=k_scale, v_scale=v_scale)
         return layer.o(out.reshape(tokens, self.num_heads * self.head_dim))
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +161,25 @@ def _norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tu
         return add_rms_norm(x, residual, norm.weight, eps)
     summed = x if residual is None else x + residual
     return norm(summed), summed
+
+
+def _kv_cache_scales(layers, num_kv_heads: int, device: torch.device
+                     ) -> tuple[torch.dtype | None, list[tuple[torch.Tensor, torch.Tensor]] | None]:
+    """(8-bit cache dtype, per-layer (k_scale, v_scale) of shape (Hkv,)) when the checkpoint's
+    attention modules carry KV-cache scales (``quant/kv_cache.py``), else (None, None)."""
+    from quantkit.kernels.kv_quant import KV_CACHE_DTYPES
+
+    kinds = [getattr(layer.self_attn, "kv_cache_type", None) for layer in layers]
+    if all(kind is None for kind in kinds):
+        return None, None
+    if len(set(kinds)) != 1:
+        raise QuantkitError("every attention layer needs KV-cache scales of one type; this checkpoint mixes them")
+    scales = []
+    for layer in layers:
+        attention = layer.self_attn
+        scales.append(tuple(getattr(attention, name).detach().to(device, torch.float32).reshape(-1)
+                            .expand(num_kv_heads).contiguous() for name in ("k_scale", "v_scale")))
+    return KV_CACHE_DTYPES[kinds[0]], scales
 
 
 def _is_silu(act: nn.Module) -> bool:

@@ -20,7 +20,9 @@ from quantkit.kernels import (
     pack_quantized_weight,
     quantized_linear,
 )
+from quantkit.kernels.w8a8 import W8A8Weight, pack_w8a8_weights, w8a8_linear
 from quantkit.quant.dequant_linear import DequantLinear, UnpackedWeight
+from quantkit.quant.w8a8_linear import W8A8Linear
 from quantkit.runtime.sparse_linear import semi_structured_weight, sparse_linear
 
 
@@ -42,6 +44,8 @@ class RuntimeLinear:
         return self.packed.out_features if self.packed is not None else self.weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.packed, W8A8Weight):  # INT8/FP8 weights (and activations): kernels/w8a8.py
+            return w8a8_linear(x, self.packed, self.bias)
         if self.packed is not None:
             return quantized_linear(x, self.packed, self.bias)
         if self.sparse is not None:
@@ -59,6 +63,14 @@ def runtime_linears(modules: list[nn.Module], dtype: torch.dtype, device: torch.
         weight = torch.cat([m.weight.detach().to(device, dtype) for m in modules])
         sparse = semi_structured_weight(weight)  # 2:4 weights on a GPU: the sparse kernels
         return RuntimeLinear(bias=bias, **({"sparse": sparse} if sparse is not None else {"weight": weight}))
+    if all(isinstance(m, W8A8Linear) for m in modules):
+        kinds = {(m.type, m.activations) for m in modules}
+        if len(kinds) != 1:
+            raise ValueError("8-bit linears with different types or activation schemes do not fuse")
+        ((kind, activations),) = kinds
+        return RuntimeLinear(packed=pack_w8a8_weights([m.weight for m in modules], [m.weight_scale for m in modules],
+                                                      [m.input_scale for m in modules], kind, activations, device),
+                             bias=bias)
     if all(isinstance(m, DequantLinear) for m in modules):
         views = [m.unpacked() for m in modules]
         return RuntimeLinear(packed=_pack(views, dtype, device), bias=bias)

@@ -42,8 +42,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from quantkit.kernels.w8a8 import pack_w8a8_weights  # noqa: E402
-from quantkit.quant.w8a8 import quantize_activation, quantize_weight  # noqa: E402
+from quantkit.kernels.w8a8 import pack_w8a8_weights
+from quantkit.quant.w8a8 import quantize_activation, quantize_weight
 
 LLAMA3_8B_LINEARS = {  # name: (K, N)
     "q/o_proj 4096x4096": (4096, 4096),
@@ -144,7 +144,7 @@ def bench_shape(name: str, k: int, n: int, tokens: list[int], device: str, dtype
             times["fp8"] = device_time_us(
                 [lambda x=x, p=p: fp8_linear_scaled_mm(x, p) for x, p in zip(xs, fp8s)], device)
             times["fp8 gemm"] = device_time_us(
-                [lambda q=q, p=p: fp8_linear_scaled_mm(xs[0], p, quantized=q) for q, p in zip(q_fp8, fp8s)],
+                [lambda q=q, p=p, x=xs[0]: fp8_linear_scaled_mm(x, p, quantized=q) for q, p in zip(q_fp8, fp8s)],
                 device)
         flops = 2 * m * n * k
         row["tflops"] = {key: flops / (t * 1e-6) / 1e12 for key, t in times.items()}
@@ -180,9 +180,10 @@ def _sweep_int8(q_int, int8s, dtype, device, m, n) -> dict:
     best = {}
     for config in candidates:
         try:
-            t = device_time_us([lambda q=q, p=p: int8_gemm_triton(q[0], q[1], p.weight, p.weight_scale, None, dtype,
-                                                                  config) for q, p in zip(q_int, int8s)], device)
-        except Exception as exc:  # a tile that does not fit shared memory on this device
+            t = device_time_us([lambda q=q, p=p, c=config: int8_gemm_triton(q[0], q[1], p.weight, p.weight_scale,
+                                                                            None, dtype, c)
+                                for q, p in zip(q_int, int8s)], device)
+        except Exception as exc:  # noqa: BLE001 - a tile that does not fit shared memory on this device
             print(f"  sweep {config}: {type(exc).__name__}", flush=True)
             continue
         if not best or t < best["us"]:

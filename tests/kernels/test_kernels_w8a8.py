@@ -9,8 +9,17 @@ import pytest
 import torch
 from kernel_cases import needs_triton
 
-from quantkit.kernels.fp8_linear import fp8_linear, fp8_linear_reference, fp8_linear_scaled_mm
-from quantkit.kernels.int8_linear import int8_linear, int8_linear_int_mm, int8_linear_reference, int8_linear_triton
+from quantkit.kernels.fp8_linear import (
+    fp8_linear,
+    fp8_linear_reference,
+    fp8_linear_scaled_mm,
+)
+from quantkit.kernels.int8_linear import (
+    int8_linear,
+    int8_linear_int_mm,
+    int8_linear_reference,
+    int8_linear_triton,
+)
 from quantkit.kernels.w8a8 import W8A8Weight, pack_w8a8_weights, w8a8_linear
 from quantkit.quant.w8a8 import quantize_activation, quantize_weight, scale_from_absmax
 

@@ -10,7 +10,12 @@ from test_pipeline import calibration, tiny_llama
 from quantkit.models.adapters import get_adapter
 from quantkit.models.folding import fold_input_scales
 from quantkit.pipeline import quantize_model
-from quantkit.quant.smoothquant import ChannelAbsMax, search_alpha, smoothing_scales, w8a8_group_output
+from quantkit.quant.smoothquant import (
+    ChannelAbsMax,
+    search_alpha,
+    smoothing_scales,
+    w8a8_group_output,
+)
 from quantkit.quant.w8a8 import EightBitWeight
 from quantkit.recipe import recipe_from_dict
 
