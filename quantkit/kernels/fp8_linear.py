@@ -10,10 +10,14 @@
   it saves memory, not time).
 
 ``fp8_linear`` picks ``torch._scaled_mm`` on CUDA devices of compute capability 8.9 or more and
-the reference elsewhere (and with ``QUANTKIT_KERNELS=reference``).
+the reference elsewhere (and with ``QUANTKIT_KERNELS=reference``). ``QUANTKIT_FP8_FAST_ACCUM=1``
+lets ``torch._scaled_mm`` accumulate in the tensor cores' reduced precision between promotions
+(``use_fast_accum``: faster on Hopper, slightly less exact); off by default.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -43,8 +47,13 @@ def fp8_linear_reference(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor
     return y.reshape(*x.shape[:-1], packed.out_features)
 
 
+def fast_accum_default() -> bool:
+    return os.environ.get("QUANTKIT_FP8_FAST_ACCUM", "0").strip() not in ("", "0")
+
+
 def fp8_linear_scaled_mm(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None,
-                         quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                         quantized: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         use_fast_accum: bool | None = None) -> torch.Tensor:
     """``torch._scaled_mm`` with row-wise scales; ``quantized`` = (codes, scale) when done already."""
     _check(packed)
     if packed.activations == "none":
@@ -63,14 +72,25 @@ def fp8_linear_scaled_mm(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor
     # row-wise scaling wants (M, 1) and (1, N) float32 scales
     scale_a = x_scale.reshape(-1, 1).expand(m, 1).contiguous()
     scale_b = packed.weight_scale.reshape(1, -1)
+    fast = fast_accum_default() if use_fast_accum is None else use_fast_accum
     y = torch._scaled_mm(xq, packed.weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
-                         bias=None if bias is None else bias.to(out_dtype))
+                         bias=None if bias is None else bias.to(out_dtype), use_fast_accum=fast)
     return y.to(x.dtype).reshape(*x.shape[:-1], packed.out_features)
 
 
 def fp8_supported(device: torch.device) -> bool:
     """CUDA devices with FP8 tensor cores (compute capability 8.9: Ada; 9.0: Hopper)."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_gemm(codes: torch.Tensor, scale: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM alone, on activations already quantized to e4m3 (codes (M, K), scale (M, 1) or (1,))."""
+    _check(packed)
+    like = torch.empty(codes.shape, dtype=out_dtype, device="meta")
+    if kernel_mode() != "reference" and fp8_supported(codes.device):
+        return fp8_linear_scaled_mm(like, packed, bias, quantized=(codes, scale))
+    return w8a8_matmul_reference(codes, scale, packed.weight, packed.weight_scale, bias, out_dtype)
 
 
 def fp8_linear(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -48,8 +48,8 @@ def int8_linear_int_mm(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor |
                        quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``torch._int_mm`` for the int32 sums; ``quantized`` = (codes, scale) when done already."""
     _check(packed)
-    x2 = _flatten(x, packed)
-    xq, x_scale = quantized if quantized is not None else quantize_activation(x2, "int", packed.input_scale)
+    xq, x_scale = quantized if quantized is not None else quantize_activation(_flatten(x, packed), "int",
+                                                                              packed.input_scale)
     m = xq.shape[0]
     if xq.is_cuda and m < _INT_MM_MIN_ROWS:
         xq = torch.nn.functional.pad(xq, (0, 0, 0, _INT_MM_MIN_ROWS - m))
@@ -79,6 +79,21 @@ def int8_linear(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None =
     if kernel_mode() == "auto" and (x.is_cuda or _cpu_int_mm_works()):
         return int8_linear_int_mm(x, packed, bias)
     return int8_linear_reference(x, packed, bias)
+
+
+def int8_gemm(codes: torch.Tensor, scale: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM alone, on activations already quantized (codes (M, K) int8, scale (M, 1) or (1,)),
+    e.g. by the kernel that produced them (``kernels/quant_fused.py``); (M, N) in ``out_dtype``."""
+    _check(packed)
+    if use_triton(codes):
+        from quantkit.kernels.int8_gemm_triton import int8_gemm_triton
+
+        return int8_gemm_triton(codes, scale, packed.weight, packed.weight_scale, bias, out_dtype)
+    if kernel_mode() == "auto" and (codes.is_cuda or _cpu_int_mm_works()):
+        like = torch.empty(codes.shape, dtype=out_dtype, device="meta")
+        return int8_linear_int_mm(like, packed, bias, quantized=(codes, scale))
+    return w8a8_matmul_reference(codes, scale, packed.weight, packed.weight_scale, bias, out_dtype)
 
 
 @functools.cache

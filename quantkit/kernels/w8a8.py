@@ -58,8 +58,15 @@ def pack_w8a8_weights(weights: list[torch.Tensor], weight_scales: list[torch.Ten
     return packed.to(device) if device is not None else packed
 
 
-def w8a8_linear(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for x (..., K) in x's dtype, activations quantized as ``packed`` says."""
+def w8a8_linear(x, packed: W8A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for x (..., K) in x's dtype, activations quantized as ``packed`` says.
+
+    ``x`` may also be a ``quant_fused.QuantizedInput``: activations its producer already quantized
+    (they must be what ``packed`` would have made: its type, and its static scale if it has one)."""
+    from quantkit.kernels.quant_fused import QuantizedInput
+
+    if isinstance(x, QuantizedInput):
+        return _gemm_of_codes(x, packed, bias)
     if x.shape[-1] != packed.in_features:
         raise ValueError(f"x has {x.shape[-1]} features, the weight takes {packed.in_features}")
     if packed.type == "int":
@@ -69,3 +76,17 @@ def w8a8_linear(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None =
     from quantkit.kernels.fp8_linear import fp8_linear
 
     return fp8_linear(x, packed, bias)
+
+
+def _gemm_of_codes(x, packed: W8A8Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.codes.dim() != 2 or x.codes.shape[1] != packed.in_features:
+        raise ValueError(f"quantized input {tuple(x.codes.shape)} does not fit a weight taking {packed.in_features}")
+    if packed.activations == "none":
+        raise ValueError("a weight-only (W8A16) layer takes 16-bit activations, not quantized ones")
+    if packed.type == "int":
+        from quantkit.kernels.int8_linear import int8_gemm
+
+        return int8_gemm(x.codes, x.scale, packed, bias, x.dtype)
+    from quantkit.kernels.fp8_linear import fp8_gemm
+
+    return fp8_gemm(x.codes, x.scale, packed, bias, x.dtype)

@@ -8,6 +8,8 @@ packed quantized, q/k/v and gate/up fused where formats agree); attention goes t
 ``quantkit.kernels`` (K/V written to their slots, then paged attention over the cache). A
 checkpoint with a quantized KV cache (``kv_cache_scheme``) gets an int8 or float8_e4m3fn cache
 with its per-head scales: half the bytes per token, dequantized inside the attention kernels.
+Before a W8A8 linear (fused q/k/v, gate/up, down) the norm or the SiLU-and-mul writes the 8-bit
+activations and their scales directly (``kernels/quant_fused.py``): no separate quantization pass.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from torch import nn
 
 from quantkit.errors import QuantkitError
 from quantkit.kernels import add_rms_norm, paged_attention, rotary, silu_and_mul, write_kv
+from quantkit.kernels.quant_fused import add_rms_norm_quant, silu_and_mul_quant
+from quantkit.kernels.w8a8 import W8A8Weight
 from quantkit.runtime.forward_batch import ForwardBatch
 from quantkit.runtime.runtime_linear import (
     RuntimeLinear,
@@ -100,10 +104,10 @@ class PagedLlama:
         cos, sin = cos[0].to(self.dtype), sin[0].to(self.dtype)
         residual = None  # the residual stream; each norm adds the sub-layer output to it first
         for index, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
-            x, residual = _norm(layer.input_norm, hidden, residual)
+            x, residual = _norm(layer.input_norm, hidden, residual, _quantized_input_of(layer.qkv))
             scales = self.kv_scales[index] if self.kv_scales else (None, None)
             x, residual = _norm(layer.post_norm, self._attention(layer, x, cos, sin, batch, k_cache, v_cache, scales),
-                                residual)
+                                residual, _quantized_input_of(layer.gate_up))
             hidden = self._mlp(layer, x)
         rows = batch.logits_indices
         last, _ = _norm(self.final_norm, hidden[rows], None if residual is None else residual[rows])
@@ -129,7 +133,12 @@ class PagedLlama:
 
     def _mlp(self, layer: _Layer, x: torch.Tensor) -> torch.Tensor:
         gate, up = _gate_up(layer, x)
-        return layer.down(silu_and_mul(gate, up) if layer.silu else layer.act(gate) * up)
+        if not layer.silu:
+            return layer.down(layer.act(gate) * up)
+        target = _quantized_input_of([layer.down])
+        if target is not None:
+            return layer.down(silu_and_mul_quant(gate, up, target.type, target.input_scale))
+        return layer.down(silu_and_mul(gate, up))
 
 
 def _gate_up(layer: _Layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,10 +163,22 @@ def _split(x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
     return list(x.split(sizes, dim=-1))
 
 
-def _norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual), x + residual): one fused kernel for RMSNorm, else the module itself."""
+def _quantized_input_of(linears: list[RuntimeLinear]) -> W8A8Weight | None:
+    """The 8-bit weight whose activations the producer should quantize: one linear (fused or not)
+    that quantizes its input."""
+    if len(linears) == 1 and isinstance(linears[0].packed, W8A8Weight) and linears[0].packed.activations != "none":
+        return linears[0].packed
+    return None
+
+
+def _norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
+          quantize_for: W8A8Weight | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual): one fused kernel for RMSNorm, else the module itself;
+    with ``quantize_for`` the normalised rows come out as that W8A8 linear's 8-bit input."""
     eps = getattr(norm, "variance_epsilon", None)
     if eps is not None and "RMSNorm" in type(norm).__name__:
+        if quantize_for is not None:
+            return add_rms_norm_quant(x, residual, norm.weight, eps, quantize_for.type, quantize_for.input_scale)
         return add_rms_norm(x, residual, norm.weight, eps)
     summed = x if residual is None else x + residual
     return norm(summed), summed

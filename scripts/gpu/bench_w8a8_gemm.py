@@ -11,7 +11,13 @@ For each linear shape (K x N: 4096x4096 q/o_proj, 4096x14336 gate/up_proj, 14336
 * ``fp8``: quantkit's FP8 W8A8 linear — Triton per-token quantization to e4m3, then
   ``torch._scaled_mm`` with row-wise scales (cuBLASLt, scales and bf16 store in its epilogue);
 * ``... gemm``: the INT8 Triton GEMM and ``torch._scaled_mm`` alone, on x already quantized (what
-  the activation quantization costs is the difference).
+  the activation quantization costs is the difference); ``fp8 fast-accum gemm`` with
+  ``use_fast_accum=True``;
+* ``... block``: the linear with the operation that produces its input, as the runtime runs them:
+  residual add + RMSNorm before the K=4096 linears, SiLU-and-mul of the fused gate/up output before
+  down_proj. ``bf16 block``: the 16-bit producer then the bf16 GEMM; ``int8 block`` / ``fp8 block``:
+  the producer writing 8-bit activations and their scales (``kernels/quant_fused.py``) then the
+  8-bit GEMM. Block ratios are bf16 block / 8-bit block.
 
 Each time is the median over 5 repetitions of the mean device time per call, measured with CUDA
 events over a CUDA graph of calls that cycle through enough copies of x and the weight
@@ -51,7 +57,7 @@ LLAMA3_8B_LINEARS = {  # name: (K, N)
     "down_proj 14336x4096": (14336, 4096),
     "k/v_proj 4096x1024": (4096, 1024),
 }
-TINY_LINEARS = {"tiny 256x512": (256, 512)}
+TINY_LINEARS = {"tiny 256x512": (256, 512), "down_proj tiny 512x256": (512, 256)}
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 ROTATION_BYTES = 256 * 2**20
 TARGET_RATIO, TARGET_FROM_TOKENS = 1.6, 4096
@@ -146,19 +152,68 @@ def bench_shape(name: str, k: int, n: int, tokens: list[int], device: str, dtype
             times["fp8 gemm"] = device_time_us(
                 [lambda q=q, p=p, x=xs[0]: fp8_linear_scaled_mm(x, p, quantized=q) for q, p in zip(q_fp8, fp8s)],
                 device)
+            if on_gpu:
+                times["fp8 fast-accum gemm"] = device_time_us(
+                    [lambda q=q, p=p, x=xs[0]: fp8_linear_scaled_mm(x, p, quantized=q, use_fast_accum=True)
+                     for q, p in zip(q_fp8, fp8s)], device)
+        del q_int
+        times.update(_blocks(name.startswith("down_proj"), xs, w16s, int8s, fp8s if (has_fp8 or not on_gpu) else None,
+                             dtype, device, gen))
         flops = 2 * m * n * k
-        row["tflops"] = {key: flops / (t * 1e-6) / 1e12 for key, t in times.items()}
-        row["speedup_vs_bf16"] = {key: times["bf16"] / t for key, t in times.items() if key != "bf16"}
+        row["tflops"] = {key: flops / (t * 1e-6) / 1e12 for key, t in times.items() if "block" not in key}
+        row["speedup_vs_bf16"] = {key: (times["bf16 block"] if "block" in key else times["bf16"]) / t
+                                  for key, t in times.items() if key not in ("bf16", "bf16 block")}
         row["memory_limit_us"] = {
             "bf16": (w_bytes + x_bytes + m * n * 2) / (bandwidth * 1e3),
             "8-bit": (n * k + m * k * 2 + m * n * 2) / (bandwidth * 1e3),
         }
         rows.append(row)
         _print_row(row)
-        del xs, w16s, int8s, fp8s, q_int
+        del xs, w16s, int8s, fp8s
         if on_gpu:
             torch.cuda.empty_cache()
     return rows
+
+
+def _blocks(after_mlp: bool, xs, w16s, int8s, fp8s, dtype, device, gen) -> dict:
+    """Producer + linear, 16-bit against 8-bit with the quantization fused into the producer."""
+    from quantkit.kernels.dispatch import add_rms_norm, silu_and_mul
+    from quantkit.kernels.fp8_linear import fp8_gemm
+    from quantkit.kernels.int8_linear import int8_gemm
+    from quantkit.kernels.quant_fused import add_rms_norm_quant, silu_and_mul_quant
+
+    m, k = xs[0].shape
+    if not after_mlp:  # after the residual add + RMSNorm: q/k/v, o (as a stand-in), gate/up
+        residuals = [torch.randn(m, k, generator=gen).to(device, dtype) for _ in xs]
+        norm_w = (torch.rand(k, generator=gen) + 0.5).to(device, dtype)
+
+        def produce16(i):
+            return add_rms_norm(xs[i], residuals[i], norm_w, 1e-5)[0]
+
+        def produce8(i, kind):
+            return add_rms_norm_quant(xs[i], residuals[i], norm_w, 1e-5, kind)[0]
+    else:  # down_proj: after SiLU-and-mul of the fused gate/up output
+        gate_ups = [torch.randn(m, 2 * k, generator=gen).to(device, dtype) for _ in xs]
+
+        def produce16(i):
+            return silu_and_mul(gate_ups[i][:, :k], gate_ups[i][:, k:])
+
+        def produce8(i, kind):
+            return silu_and_mul_quant(gate_ups[i][:, :k], gate_ups[i][:, k:], kind)
+
+    count = len(xs)
+    times = {"bf16 block": device_time_us(
+        [lambda i=i: torch.nn.functional.linear(produce16(i), w16s[i]) for i in range(count)], device)}
+    times["int8 block"] = device_time_us(
+        [lambda i=i: _gemm(int8_gemm, produce8(i, "int"), int8s[i], dtype) for i in range(count)], device)
+    if fp8s is not None:
+        times["fp8 block"] = device_time_us(
+            [lambda i=i: _gemm(fp8_gemm, produce8(i, "float"), fp8s[i], dtype) for i in range(count)], device)
+    return times
+
+
+def _gemm(gemm, quantized, packed, dtype):
+    return gemm(quantized.codes, quantized.scale, packed, None, dtype)
 
 
 def _clone(packed):
@@ -171,11 +226,16 @@ def _clone(packed):
 def _sweep_int8(q_int, int8s, dtype, device, m, n) -> dict:
     from quantkit.kernels.int8_gemm_triton import Int8GemmConfig, int8_gemm_triton
 
-    candidates = [Int8GemmConfig(bm, bn, bk, group_m=8, num_warps=w, num_stages=s)
-                  for bm, bn, bk, w, s in ((16, 32, 256, 4, 4), (16, 64, 256, 4, 4), (16, 128, 128, 4, 4),
-                                           (32, 64, 256, 4, 4), (64, 64, 128, 4, 4), (64, 128, 128, 4, 4),
-                                           (128, 128, 128, 8, 3), (128, 256, 128, 8, 3), (256, 128, 128, 8, 3),
-                                           (128, 128, 64, 4, 4), (128, 256, 64, 8, 4))
+    candidates = [Int8GemmConfig(bm, bn, bk, group_m=g, num_warps=w, num_stages=s)
+                  for bm, bn, bk, w, s, g in ((16, 32, 256, 4, 4, 1), (16, 64, 256, 4, 4, 1), (16, 128, 128, 4, 4, 1),
+                                              (32, 64, 256, 4, 4, 8), (64, 64, 128, 4, 4, 8), (64, 128, 128, 4, 4, 8),
+                                              (64, 256, 128, 8, 3, 8), (128, 128, 128, 8, 3, 8),
+                                              (128, 128, 128, 8, 4, 8), (128, 256, 128, 8, 3, 8),
+                                              (128, 256, 128, 8, 4, 8), (256, 128, 128, 8, 3, 8),
+                                              (256, 128, 128, 8, 4, 8), (128, 256, 64, 8, 4, 8),
+                                              (128, 256, 64, 8, 5, 8), (256, 128, 64, 8, 5, 8),
+                                              (128, 128, 256, 8, 3, 8), (256, 256, 64, 8, 3, 8),
+                                              (128, 256, 128, 8, 3, 16))
                   if bm <= max(16, 2 * m)]
     best = {}
     for config in candidates:
@@ -204,11 +264,12 @@ def summary(rows: list[dict]) -> list[str]:
         big = [row for row in rows if row["shape"] == shape and row["M"] >= TARGET_FROM_TOKENS]
         if not big:
             continue
-        for key in ("int8 triton", "int8 _int_mm", "fp8"):
+        for key in ("int8 triton", "int8 _int_mm", "fp8", "int8 triton gemm", "fp8 gemm", "fp8 fast-accum gemm",
+                    "int8 block", "fp8 block"):
             ratios = [row["speedup_vs_bf16"][key] for row in big if key in row["speedup_vs_bf16"]]
             if ratios:
                 verdict = "meets" if min(ratios) >= TARGET_RATIO else "misses"
-                lines.append(f"{shape:24s} {key:12s} min speed-up at M >= {TARGET_FROM_TOKENS}: {min(ratios):.2f}x "
+                lines.append(f"{shape:24s} {key:19s} min speed-up at M >= {TARGET_FROM_TOKENS}: {min(ratios):.2f}x "
                              f"({verdict} the {TARGET_RATIO}x target)")
     return lines
 
