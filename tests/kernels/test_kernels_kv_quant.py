@@ -111,8 +111,8 @@ def test_triton_write_equals_reference(kind):
 
 @needs_triton
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("lens", [MIXED, PREFILL_ONLY, DECODE_ONLY], ids=["mixed", "prefill", "decode"])
-@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("lens, group", [(MIXED, 4), (PREFILL_ONLY, 1), (DECODE_ONLY, 4)],
+                         ids=["mixed", "prefill", "decode"])
 def test_triton_attention_reads_8bit_caches(kind, lens, group):
     from quantkit.kernels.attention_triton import paged_attention_triton
 

@@ -16,10 +16,9 @@ from quantkit.runtime.sampling_params import SamplingParams
 
 PROMPTS = ["The history of the city begins in the", "In 1990, the band released their second album, which"]
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-CASES = {
-    "smoothquant-w8a8-kv-fp8": [{"method": "smoothquant"}, {"method": "w8a8"}, {"method": "kv_cache"}],
-    "kv-int8": [{"method": "kv_cache", "type": "int"}],
-}
+# one checkpoint covers the W8A8 INT8 linears (the norm and SiLU-and-mul writing their 8-bit inputs)
+# and the FP8 cache; the INT8 cache and FP8 linears run the same kernels (tests/kernels/)
+CASES = {"smoothquant-w8a8-kv-fp8": [{"method": "smoothquant"}, {"method": "w8a8"}, {"method": "kv_cache"}]}
 
 
 def _greedy_hf(model, ids):
@@ -68,11 +67,11 @@ def test_runtime_matches_the_checkpoints_model(checkpoints, name):
 
 
 def test_8bit_cache_halves_bytes_per_token_and_doubles_capacity(checkpoints):
-    quantized = Engine(str(checkpoints("kv-int8")), kv_cache_tokens=256, dtype="float16").model
+    quantized = Engine(str(checkpoints("smoothquant-w8a8-kv-fp8")), kv_cache_tokens=256, dtype="float16").model
     plain = Engine(None, kv_cache_tokens=256, dtype="float16").model
     # CPU engines compute in float32; the cache of a 16-bit model on a GPU is float16
     plain.dtype = torch.float16
-    assert quantized.kv_cache_dtype == torch.int8
+    assert quantized.kv_cache_dtype == torch.float8_e4m3fn
     assert plain.kv_bytes_per_token() == 2 * quantized.kv_bytes_per_token() == 2 * 2 * 8 * 2 * 64
     budget = 1 << 20
     assert plan_num_blocks(quantized, 16, kv_cache_tokens=budget // quantized.kv_bytes_per_token(),
