@@ -3,6 +3,7 @@ throughput and latency against the request rate. Only measured figures are shown
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from quantkit.eval.bench_report import MISSING, check_plot_available
@@ -93,7 +94,8 @@ def plot_serve_bench(payload: dict, path: str | Path) -> None:
     for axis in (top, bottom):
         axis.set_xticks(xs, labels)
         axis.grid(True, alpha=0.3)
-    fig.suptitle(caption(payload).split("\n", 1)[0] + "\n" + caption(payload).split("\n")[1][:110], fontsize=8)
+    head = caption(payload).split("\n")[:2]
+    fig.suptitle("\n".join([head[0], *textwrap.wrap(head[1], 110)]), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
