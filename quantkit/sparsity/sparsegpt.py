@@ -26,7 +26,10 @@ order, which is also the order the reference SparseGPT uses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import combinations
 
 import torch
 
@@ -50,6 +53,10 @@ from quantkit.sparsity.masks import layer_keep_mask, nm_keep_mask
 from quantkit.sparsity.structure import MaskStructure
 
 
+NM_SELECTIONS = ("joint", "diagonal")
+MAX_JOINT_CHOICES = 128  # larger N:M runs fall back to the diagonal saliency
+
+
 @dataclass(frozen=True)
 class SparseGPTConfig:
     """SparseGPT's knobs; the defaults are the reference code's (the clip search is quantkit's
@@ -60,8 +67,11 @@ class SparseGPTConfig:
     clip_search: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
+    nm_selection: str = "joint"  # N:M runs: "joint" OBS error of each choice, or "diagonal" (the reference)
 
     def __post_init__(self) -> None:
+        if self.nm_selection not in NM_SELECTIONS:
+            raise QuantkitError(f"nm_selection must be one of {', '.join(NM_SELECTIONS)}, got {self.nm_selection!r}")
         size = self.block_size
         if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
             raise QuantkitError(f"SparseGPT block_size must be a positive integer, got {size!r}; 128 is the usual value")
@@ -160,7 +170,8 @@ def sparsegpt_prune(
             group = start // group_size
             columns = weight_t[start : start + group_size] * keep_t[start : start + group_size]
             _set_group_params(params, group, columns, scheme, clip)
-        errors = _prune_block(weight_t, keep_t, codes_t, hinv_upper, params, start, end, structure, group_size)
+        errors = _prune_block(weight_t, keep_t, codes_t, hinv_upper, params, start, end, structure, group_size,
+                              joint=config.nm_selection == "joint")
         loss += errors.square().sum()
         if end < cols:
             weight_t[end:].addmm_(hinv_upper[start:end, end:].t(), errors, alpha=-1)
@@ -175,7 +186,7 @@ def sparsegpt_prune(
 
 def _prune_block(weight_t: torch.Tensor, keep_t: torch.Tensor, codes_t: torch.Tensor | None,
                  hinv_upper: torch.Tensor, params, start: int, end: int, structure: MaskStructure,
-                 group_size: int) -> torch.Tensor:
+                 group_size: int, joint: bool = True) -> torch.Tensor:
     """Columns ``start:end`` in place: choose N:M runs as they come, prune, quantize, feed the
     error forward inside the block; returns the block's scaled errors (count, out)."""
     block, keep = weight_t[start:end], keep_t[start:end]
@@ -185,8 +196,11 @@ def _prune_block(weight_t: torch.Tensor, keep_t: torch.Tensor, codes_t: torch.Te
     for j in range(end - start):
         if structure.is_nm and j % structure.m == 0:
             run = slice(j, j + structure.m)
-            saliency = block[run].square() / diag[run].square().unsqueeze(1)  # (m, out)
-            keep[run] = nm_keep_mask(saliency.t(), structure.n, structure.m).t()
+            if joint and math.comb(structure.m, structure.n) <= MAX_JOINT_CHOICES:
+                keep[run] = joint_nm_keep(block[run], hinv[run, run], structure.n, structure.m)
+            else:
+                saliency = block[run].square() / diag[run].square().unsqueeze(1)  # (m, out)
+                keep[run] = nm_keep_mask(saliency.t(), structure.n, structure.m).t()
         column = block[j]
         target = column * keep[j]
         if codes_t is not None:
@@ -200,3 +214,36 @@ def _prune_block(weight_t: torch.Tensor, keep_t: torch.Tensor, codes_t: torch.Te
         if j + 1 < end - start:
             block[j + 1 :].addr_(hinv[j, j + 1 :], error, alpha=-1)
     return errors
+
+
+def joint_nm_keep(run_t: torch.Tensor, upper: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep mask (m, out) of one N:M run chosen by the joint OBS error of each choice.
+
+    ``run_t`` (m, out) holds the run's current weights (column j of the layer is row j here) and
+    ``upper`` (m, m) the run's block of the upper Cholesky factor ``U`` of the remaining columns'
+    inverse Hessian. Columns before the run are already final, so ``(H_F⁻¹)_SS`` for any set ``S``
+    of the run's columns is ``(Uᵀ U)_SS`` of this block alone, and pruning ``S`` (with the optimal
+    update of every later column, which the column loop then applies) costs
+    ``w_S [(H_F⁻¹)_SS]⁻¹ w_Sᵀ`` for each output row. Every row keeps the choice of least cost
+    among the C(m, n) choices. The reference instead ranks the columns one by one by
+    ``w² / U_jj²``, which leaves out how the pruned columns' errors interact.
+    """
+    pruned = _choices(m, m - n, run_t.device)  # (c, p) column sets to prune
+    inverse = upper.t() @ upper  # (m, m): the run's block of H_F⁻¹
+    blocks = inverse[pruned.unsqueeze(2), pruned.unsqueeze(1)]  # (c, p, p)
+    costs_of = torch.linalg.inv(blocks)
+    weights = run_t.t()[:, pruned]  # (out, c, p)
+    cost = torch.einsum("ocp,cpq,ocq->oc", weights, costs_of, weights)
+    best = pruned[cost.argmin(1)]  # (out, p)
+    keep = torch.ones(run_t.shape[1], m, dtype=torch.bool, device=run_t.device)
+    keep.scatter_(1, best, False)
+    return keep.t()
+
+
+@lru_cache(maxsize=16)
+def _choices_cpu(m: int, p: int) -> torch.Tensor:
+    return torch.tensor(list(combinations(range(m), p)), dtype=torch.long)
+
+
+def _choices(m: int, p: int, device: torch.device) -> torch.Tensor:
+    return _choices_cpu(m, p).to(device)

@@ -34,7 +34,8 @@ METHOD_OPTIONS: dict[str, dict[str, tuple[type, Any]]] = {
     "magnitude": {"comparison": (str, "layer")},
     "wanda": {"comparison": (str, "row"), "true_sequential": (bool, False)},
     "sparsegpt": {"block_size": (int, 128), "damp_percent": (float, 0.01), "true_sequential": (bool, True),
-                  "clip_search": (bool, True), "clip_grid": (int, 20), "clip_max_shrink": (float, 0.5)},
+                  "nm_selection": (str, "joint"), "clip_search": (bool, True), "clip_grid": (int, 20),
+                  "clip_max_shrink": (float, 0.5)},
 }
 QUANT_FIELDS = ("scheme", "group_size", "symmetric")
 COMMON_FIELDS = ("method", "sparsity", "mask_structure", "ignore")
@@ -100,7 +101,7 @@ class SparsityStep:
         from quantkit.sparsity.sparsegpt import SparseGPTConfig
 
         options = {name: self.option(name) for name in ("block_size", "damp_percent", "clip_search", "clip_grid",
-                                                          "clip_max_shrink")}
+                                                          "clip_max_shrink", "nm_selection")}
         return SparseGPTConfig(**options)
 
 

@@ -72,7 +72,7 @@ CASES = [(MaskStructure(), 0.5), (MaskStructure(), 0.7), (MaskStructure(2, 4), 0
 @pytest.mark.parametrize("structure, sparsity", CASES, ids=["50%", "70%", "2:4", "4:8"])
 def test_pruning_matches_the_reference(structure, sparsity):
     w, h, _x = problem()
-    result = sparsegpt_prune(w, h, structure, sparsity, SparseGPTConfig(block_size=32))
+    result = sparsegpt_prune(w, h, structure, sparsity, SparseGPTConfig(block_size=32, nm_selection="diagonal"))
     want, keep = reference(w, h, structure, sparsity, block=32)
     assert torch.equal(result.keep, keep)
     torch.testing.assert_close(result.weight, want, rtol=1e-4, atol=1e-4)
@@ -89,7 +89,7 @@ def test_pruning_matches_the_reference(structure, sparsity):
 def test_quantizing_the_survivors_matches_the_reference(structure, group):
     w, h, _x = problem()
     scheme = QuantScheme(bits=4, group_size=group)
-    config = SparseGPTConfig(block_size=32, clip_search=False)
+    config = SparseGPTConfig(block_size=32, clip_search=False, nm_selection="diagonal")
     result = sparsegpt_prune(w, h, structure, 0.5, config, scheme=scheme)
     want, keep = reference(w, h, structure, 0.5, block=32, bits=4, group=group)
     assert torch.equal(result.keep, keep)
@@ -98,6 +98,35 @@ def test_quantizing_the_survivors_matches_the_reference(structure, group):
     torch.testing.assert_close(result.qweight.dequantize(), result.weight, rtol=0, atol=1e-6)
     assert torch.equal(result.qweight.dequantize() == 0, ~keep | (result.weight == 0))
     assert (result.qweight.dequantize()[~keep] == 0).all()
+
+
+def test_joint_selection_picks_the_least_obs_error_of_each_run():
+    """The first 2:4 run of a layer: for every row, the chosen pair to prune is the one whose joint
+    OBS error w_S [(H⁻¹)_SS]⁻¹ w_Sᵀ is least, found here by trying all six pairs on H⁻¹ itself."""
+    from itertools import combinations
+
+    from quantkit.sparsity.sparsegpt import joint_nm_keep
+
+    w, h, _x = problem(rows=40, cols=16, tokens=128, seed=2)
+    damped = h + 0.01 * h.diagonal().mean() * torch.eye(16)
+    hinv = torch.linalg.inv(damped.double())
+    upper = torch.linalg.cholesky(hinv, upper=True)
+    keep = joint_nm_keep(w.t()[:4].double(), upper[:4, :4], 2, 4)
+    for row in range(40):
+        costs = {pair: (w[row, list(pair)].double() @ torch.linalg.inv(hinv[list(pair)][:, list(pair)])
+                        @ w[row, list(pair)].double()).item() for pair in combinations(range(4), 2)}
+        assert set(torch.nonzero(~keep[:, row]).flatten().tolist()) == set(min(costs, key=costs.get))
+
+
+@pytest.mark.parametrize("structure", [MaskStructure(2, 4), MaskStructure(4, 8)], ids=["2:4", "4:8"])
+def test_joint_selection_reconstructs_better_than_the_diagonal_rule(structure):
+    w, h, x = problem(rows=32, cols=128, tokens=512, seed=0)
+    errors = {}
+    for selection in ("joint", "diagonal"):
+        result = sparsegpt_prune(w, h, structure, 0.5, SparseGPTConfig(block_size=64, nm_selection=selection))
+        assert follows_nm(result.weight, structure.n, structure.m)
+        errors[selection] = ((x @ (w - result.weight).t()) ** 2).sum().item()
+    assert errors["joint"] < 0.95 * errors["diagonal"], errors
 
 
 def test_error_feedback_beats_masking_alone():
@@ -137,5 +166,7 @@ def test_bad_settings_are_clear_errors():
         SparseGPTConfig(block_size=0)
     with pytest.raises(QuantkitError, match="damp_percent"):
         SparseGPTConfig(damp_percent=1.5)
+    with pytest.raises(QuantkitError, match="nm_selection must be one of joint, diagonal"):
+        SparseGPTConfig(nm_selection="best")
     with pytest.raises(QuantkitError, match="SparseGPT could not factor the Hessian"):
         sparsegpt_prune(w, -torch.eye(64), MaskStructure(), 0.5, SparseGPTConfig(block_size=32))
