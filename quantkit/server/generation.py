@@ -11,6 +11,7 @@ mid-stream) has its request aborted on the engine thread, which frees its KV blo
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import uuid
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ from quantkit.server.settings import (
 )
 
 INT64 = (-(2**63), 2**63 - 1)
+_ID_PREFIX = uuid.uuid4().hex[:12]  # request ids: one random prefix per process, then a counter
+_ids = itertools.count()
 LONG_TEXT_CHARS = 16384  # tokenize longer prompts off the event loop
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 
@@ -168,7 +171,7 @@ async def prepare_completion(ctx: ServerContext, req: CompletionRequest) -> Prep
     check_prompt_length(ctx, len(ids))
     params = sampling_params(ctx, req, len(ids), req.max_tokens, req.logprobs is not None,
                              DEFAULT_COMPLETION_TOKENS)
-    request_id = f"cmpl-{uuid.uuid4().hex}"
+    request_id = f"cmpl-{_ID_PREFIX}{next(_ids):012d}"
     formatter = Formatter("completion", request_id, model, len(ids), params.n, ctx.engine.tokenizer,
                           logprobs=req.logprobs is not None, include_usage=_stream_options(req),
                           holdback=_holdback(params))
@@ -184,7 +187,7 @@ async def prepare_chat(ctx: ServerContext, req: ChatCompletionRequest) -> Prepar
     check_prompt_length(ctx, len(ids))
     wanted = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     params = sampling_params(ctx, req, len(ids), wanted, req.logprobs, None)
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    request_id = f"chatcmpl-{_ID_PREFIX}{next(_ids):012d}"
     formatter = Formatter("chat", request_id, model, len(ids), params.n, ctx.engine.tokenizer,
                           logprobs=req.logprobs, include_usage=_stream_options(req), holdback=_holdback(params))
     return Prepared(request_id, model, ids, params, req.stream, formatter)
@@ -229,12 +232,13 @@ async def _events(engine: AsyncEngine, stream: OutputStream, prepared: Prepared,
     formatter = prepared.formatter
     ended = False
     try:
-        for event in formatter.opening():
-            yield event
+        opening = "".join(formatter.opening())  # the events of one step go out in one write
         output = first
         while True:
-            for event in formatter.chunks(output):
-                yield event
+            events = opening + "".join(formatter.chunks(output))
+            opening = ""
+            if events:
+                yield events
             if output.finished:
                 break
             output = await stream.next()

@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from quantkit.runtime.outputs import CompletionOutput, RequestOutput
 
 DONE = "data: [DONE]\n\n"
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {_encode(payload)}\n\n"
 
 
 @dataclass
@@ -50,6 +51,11 @@ class Formatter:
     def __post_init__(self) -> None:
         self._cursors = [_Cursor() for _ in range(self.n)]
         self._object = "text_completion" if self.kind == "completion" else "chat.completion.chunk"
+        # Every chunk of this stream shares all but its one choice: serialize the rest once.
+        head = _encode({"id": self.request_id, "object": self._object, "created": self.created, "model": self.model})
+        self._head = f"data: {head[:-1]},\"choices\":[{{\"index\":"
+        self._tail = "]" + (",\"usage\":null" if self.include_usage else "") + "}\n\n"
+        self._content_key = ",\"text\":" if self.kind == "completion" else ",\"delta\":"
 
     # ------------------------------------------------------------------ whole response
     def full(self, output: RequestOutput) -> dict:
@@ -130,15 +136,10 @@ class Formatter:
         return delta, reason
 
     def _chunk(self, index: int, content, logprobs, reason: str | None) -> str:
-        if self.kind == "completion":
-            choice = {"index": index, "text": content, "logprobs": logprobs, "finish_reason": reason}
-        else:
-            choice = {"index": index, "delta": content, "logprobs": logprobs, "finish_reason": reason}
-        payload = {"id": self.request_id, "object": self._object, "created": self.created, "model": self.model,
-                   "choices": [choice]}
-        if self.include_usage:
-            payload["usage"] = None
-        return sse(payload)
+        """One SSE event: ``{id, object, created, model, choices: [{index, text|delta, logprobs,
+        finish_reason}], usage?}``, the constant parts pre-serialized."""
+        return (f"{self._head}{index}{self._content_key}{_encode(content)},\"logprobs\":{_encode(logprobs)},"
+                f"\"finish_reason\":{_encode(reason)}}}{self._tail}")
 
     # ------------------------------------------------------------------ log-probabilities
     def _token_text(self, token_id: int) -> str:

@@ -25,9 +25,14 @@ generator, ``metrics.txt`` (the server's Prometheus text at the end).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
+
+# as `quantkit serve` does, before torch loads: spinning OpenMP workers starve the HTTP thread on a CPU
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import importlib.util
+import json
 import socket
 import subprocess
 import sys
@@ -192,7 +197,9 @@ def main() -> None:
         command = [sys.executable, "-m", "quantkit", "bench", "serve", server.base, "--num-requests",
                    str(args.num_requests), "--input-len-range", args.input_len_range, "--output-len-range",
                    args.output_len_range, "--seed", str(args.seed), "--request-rate", args.rates, "--logprobs",
-                   "--json", str(out / "serve_bench.json"), "--plot", str(out / "serve_bench.png")]
+                   "--json", str(out / "serve_bench.json")]
+        if importlib.util.find_spec("matplotlib") is not None:
+            command += ["--plot", str(out / "serve_bench.png")]
         results["load_generator_command"] = " ".join(command[1:])
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
