@@ -127,3 +127,94 @@ def int8_gemm_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     return out
+
+
+# --- persistent TMA variant (Hopper) --------------------------------------------------------------
+#
+# One program per multiprocessor walks the output tiles; A, B and the output move through tensor
+# descriptors (TMA on sm_90: asynchronous bulk copies, no address arithmetic in the loop, edges
+# zero-filled on load and clipped on store). Opt-in (``QUANTKIT_INT8_GEMM=tma`` or
+# ``bench_w8a8_gemm.py``) until measured against the default kernel; needs K a multiple of 16 and
+# N of 8 (16-byte aligned rows).
+
+
+@triton.jit
+def _int8_gemm_tma_kernel(
+    a_ptr,
+    b_ptr,
+    a_scale_ptr,
+    b_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    A_PER_ROW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_PROGRAMS: tl.constexpr,
+):
+    a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    out_desc = tl.make_tensor_descriptor(out_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS):
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (tile % per_group) % group_rows
+        pid_n = (tile % per_group) // group_rows
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            a = a_desc.load([pid_m * BLOCK_M, k0])
+            b = b_desc.load([pid_n * BLOCK_N, k0])
+            acc = tl.dot(a, b.T, acc, out_dtype=tl.int32)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        if A_PER_ROW:
+            a_scale = tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)
+        else:
+            a_scale = tl.load(a_scale_ptr + rm * 0)
+        b_scale = tl.load(b_scale_ptr + rn, mask=rn < N, other=0.0)
+        out = acc.to(tl.float32) * a_scale[:, None] * b_scale[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        out_desc.store([pid_m * BLOCK_M, pid_n * BLOCK_N], out.to(out_ptr.dtype.element_ty))
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def int8_gemm_tma_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                         bias: torch.Tensor | None, out_dtype: torch.dtype,
+                         config: Int8GemmConfig | None = None) -> torch.Tensor:
+    """``int8_gemm_triton`` as a persistent kernel over tensor descriptors (same result, bit for bit)."""
+    m, k = a.shape
+    n = b.shape[0]
+    if b.shape[1] != k or k % 16 or n % 8:
+        raise ValueError(f"the TMA kernel needs a (M, K), b (N, K) with K % 16 == 0 and N % 8 == 0; got {tuple(a.shape)}"
+                         f" and {tuple(b.shape)}")
+    a, b = a.contiguous(), b.contiguous()
+    out = torch.empty(m, n, dtype=out_dtype, device=a.device)
+    if m == 0:
+        return out
+    config = config or choose_int8_config(m, n)
+    if a.is_cuda:
+        triton.set_allocator(_scratch)  # device-side descriptors need a little global scratch memory
+        programs = torch.cuda.get_device_properties(a.device).multi_processor_count
+    else:
+        programs = 4
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    programs = min(programs, tiles)
+    _int8_gemm_tma_kernel[(programs,)](
+        a, b, a_scale.reshape(-1), b_scale.reshape(-1), bias if bias is not None else b_scale, out, m, n, k,
+        A_PER_ROW=a_scale.numel() != 1 or m == 1, HAS_BIAS=bias is not None, BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_PROGRAMS=programs,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out

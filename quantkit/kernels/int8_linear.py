@@ -10,11 +10,14 @@ with int32 sums, scale in the epilogue. Three implementations of one function:
 
 ``int8_linear`` picks: Triton on CUDA (``kernels/backend.py``), ``torch._int_mm`` on the CPU
 (exact and much faster than float64), the reference with ``QUANTKIT_KERNELS=reference``.
+``QUANTKIT_INT8_GEMM=tma`` swaps the Triton GEMM for its persistent tensor-descriptor variant
+(``int8_gemm_tma_triton``, same results) where the shapes allow.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -63,13 +66,30 @@ def int8_linear_int_mm(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor |
 def int8_linear_triton(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None,
                        config=None) -> torch.Tensor:
     from quantkit.kernels.act_quant_triton import quantize_activation_triton
-    from quantkit.kernels.int8_gemm_triton import int8_gemm_triton
 
     _check(packed)
     x2 = _flatten(x, packed)
     xq, x_scale = quantize_activation_triton(x2, "int", packed.input_scale)
-    y = int8_gemm_triton(xq, x_scale, packed.weight, packed.weight_scale, bias, x.dtype, config)
+    y = _triton_gemm()(xq, x_scale, packed.weight, packed.weight_scale, bias, x.dtype, config)
     return y.reshape(*x.shape[:-1], packed.out_features)
+
+
+def _triton_gemm():
+    """The Triton INT8 GEMM ``QUANTKIT_INT8_GEMM`` names: ``tiled`` (default) or ``tma``."""
+    from quantkit.kernels.int8_gemm_triton import int8_gemm_tma_triton, int8_gemm_triton
+
+    choice = os.environ.get("QUANTKIT_INT8_GEMM", "tiled").strip().lower() or "tiled"
+    if choice not in ("tiled", "tma"):
+        raise ValueError(f"QUANTKIT_INT8_GEMM={choice!r} is not one of tiled, tma")
+    if choice == "tiled":
+        return int8_gemm_triton
+
+    def tma_where_possible(a, a_scale, b, b_scale, bias, out_dtype, config=None):
+        if a.shape[1] % 16 or b.shape[0] % 8:
+            return int8_gemm_triton(a, a_scale, b, b_scale, bias, out_dtype, config)
+        return int8_gemm_tma_triton(a, a_scale, b, b_scale, bias, out_dtype, config)
+
+    return tma_where_possible
 
 
 def int8_linear(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -87,9 +107,7 @@ def int8_gemm(codes: torch.Tensor, scale: torch.Tensor, packed: W8A8Weight, bias
     e.g. by the kernel that produced them (``kernels/quant_fused.py``); (M, N) in ``out_dtype``."""
     _check(packed)
     if use_triton(codes):
-        from quantkit.kernels.int8_gemm_triton import int8_gemm_triton
-
-        return int8_gemm_triton(codes, scale, packed.weight, packed.weight_scale, bias, out_dtype)
+        return _triton_gemm()(codes, scale, packed.weight, packed.weight_scale, bias, out_dtype)
     if kernel_mode() == "auto" and (codes.is_cuda or _cpu_int_mm_works()):
         like = torch.empty(codes.shape, dtype=out_dtype, device="meta")
         return int8_linear_int_mm(like, packed, bias, quantized=(codes, scale))

@@ -11,8 +11,8 @@ For each linear shape (K x N: 4096x4096 q/o_proj, 4096x14336 gate/up_proj, 14336
 * ``fp8``: quantkit's FP8 W8A8 linear — Triton per-token quantization to e4m3, then
   ``torch._scaled_mm`` with row-wise scales (cuBLASLt, scales and bf16 store in its epilogue);
 * ``... gemm``: the INT8 Triton GEMM and ``torch._scaled_mm`` alone, on x already quantized (what
-  the activation quantization costs is the difference); ``fp8 fast-accum gemm`` with
-  ``use_fast_accum=True``;
+  the activation quantization costs is the difference); ``int8 tma gemm``: the persistent
+  tensor-descriptor variant of the INT8 kernel; ``fp8 fast-accum gemm`` with ``use_fast_accum=True``;
 * ``... block``: the linear with the operation that produces its input, as the runtime runs them:
   residual add + RMSNorm before the K=4096 linears, SiLU-and-mul of the fused gate/up output before
   down_proj. ``bf16 block``: the 16-bit producer then the bf16 GEMM; ``int8 block`` / ``fp8 block``:
@@ -138,6 +138,14 @@ def bench_shape(name: str, k: int, n: int, tokens: list[int], device: str, dtype
             times["int8 triton gemm"] = device_time_us(
                 [lambda q=q, p=p: int8_gemm_triton(q[0], q[1], p.weight, p.weight_scale, None, dtype)
                  for q, p in zip(q_int, int8s)], device)
+            try:
+                from quantkit.kernels.int8_gemm_triton import int8_gemm_tma_triton
+
+                times["int8 tma gemm"] = device_time_us(
+                    [lambda q=q, p=p: int8_gemm_tma_triton(q[0], q[1], p.weight, p.weight_scale, None, dtype)
+                     for q, p in zip(q_int, int8s)], device)
+            except Exception as exc:  # noqa: BLE001 - an experimental kernel must not stop the run
+                print(f"  int8 tma gemm failed: {type(exc).__name__}: {exc}", flush=True)
             if sweep:
                 row["sweep"] = _sweep_int8(q_int, int8s, dtype, device, m, n)
         else:
@@ -264,8 +272,8 @@ def summary(rows: list[dict]) -> list[str]:
         big = [row for row in rows if row["shape"] == shape and row["M"] >= TARGET_FROM_TOKENS]
         if not big:
             continue
-        for key in ("int8 triton", "int8 _int_mm", "fp8", "int8 triton gemm", "fp8 gemm", "fp8 fast-accum gemm",
-                    "int8 block", "fp8 block"):
+        for key in ("int8 triton", "int8 _int_mm", "fp8", "int8 triton gemm", "int8 tma gemm", "fp8 gemm",
+                    "fp8 fast-accum gemm", "int8 block", "fp8 block"):
             ratios = [row["speedup_vs_bf16"][key] for row in big if key in row["speedup_vs_bf16"]]
             if ratios:
                 verdict = "meets" if min(ratios) >= TARGET_RATIO else "misses"

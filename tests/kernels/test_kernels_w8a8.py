@@ -93,6 +93,28 @@ def test_triton_int8_gemm_tiles_beyond_the_matrix():
                                rtol=0, atol=0)
 
 
+@needs_triton
+@pytest.mark.parametrize("m, k, n", [(1, 64, 40), (20, 96, 72), (70, 160, 24)])
+def test_tma_int8_gemm_equals_the_tiled_one(m, k, n, monkeypatch):
+    from quantkit.kernels.int8_gemm_triton import (
+        Int8GemmConfig,
+        int8_gemm_tma_triton,
+        int8_gemm_triton,
+    )
+
+    packed, _ = packed_weight(n, k, "int")
+    codes, scale = quantize_activation(inputs(m, k), "int")
+    bias = torch.randn(n)
+    for config in (None, Int8GemmConfig(16, 32, 32, group_m=2)):
+        want = int8_gemm_triton(codes, scale, packed.weight, packed.weight_scale, bias, torch.float32, config)
+        got = int8_gemm_tma_triton(codes, scale, packed.weight, packed.weight_scale, bias, torch.float32, config)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    monkeypatch.setenv("QUANTKIT_KERNELS", "triton")
+    monkeypatch.setenv("QUANTKIT_INT8_GEMM", "tma")
+    torch.testing.assert_close(int8_linear(inputs(m, k), packed, bias), int8_linear_reference(inputs(m, k), packed, bias),
+                               rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("activations", ["dynamic", "static", "none"])
 def test_scaled_mm_agrees_with_the_fp8_reference(activations):
     x, bias = inputs(6, 160), torch.randn(48)
@@ -141,7 +163,12 @@ def test_gpu_int8_paths_match_the_reference(activations, m, k, n):
     x = inputs(m, k, dtype=torch.bfloat16, device="cuda")
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     want = int8_linear_reference(x.float(), packed, bias.float())
-    for got in (int8_linear_triton(x, packed, bias), int8_linear_int_mm(x, packed, bias), int8_linear(x, packed, bias)):
+    from quantkit.kernels.int8_gemm_triton import int8_gemm_tma_triton
+
+    codes, scale = quantize_activation(x, "int", packed.input_scale)
+    tma = int8_gemm_tma_triton(codes, scale, packed.weight, packed.weight_scale, bias, torch.bfloat16)
+    for got in (int8_linear_triton(x, packed, bias), int8_linear_int_mm(x, packed, bias), int8_linear(x, packed, bias),
+                tma):
         assert got.dtype == torch.bfloat16
         # same int32 sums; the only difference is the bfloat16 output rounding
         torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
