@@ -52,7 +52,6 @@ from quantkit.quant.scheme import QuantScheme, check_group_size
 from quantkit.sparsity.masks import layer_keep_mask, nm_keep_mask
 from quantkit.sparsity.structure import MaskStructure
 
-
 NM_SELECTIONS = ("joint", "diagonal")
 MAX_JOINT_CHOICES = 128  # larger N:M runs fall back to the diagonal saliency
 
