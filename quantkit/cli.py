@@ -341,6 +341,7 @@ def serve(
     max_prompt_tokens: Annotated[Optional[int], typer.Option(help="Longest prompt accepted (default: the context minus one).")] = None,
     max_n: Annotated[int, typer.Option(help="Most samples (n) per request.")] = 16,
     shutdown_timeout: Annotated[float, typer.Option(help="On SIGTERM, seconds in-flight requests may run before they are aborted.")] = 30.0,
+    cpu_threads: Annotated[Optional[int], typer.Option(help="--device cpu: torch threads for the engine (default: all cores but one, kept for HTTP).")] = None,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming) on
@@ -361,7 +362,7 @@ def serve(
             raise QuantkitError("--num-speculative-tokens needs --draft")
         engine_options["num_speculative_tokens"] = num_speculative_tokens
     run_server(model, draft=draft, host=host, port=port, settings=settings, engine_options=engine_options,
-               shutdown_timeout=shutdown_timeout, log_level=log_level.lower(),
+               shutdown_timeout=shutdown_timeout, log_level=log_level.lower(), cpu_threads=cpu_threads,
                ready_message=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
 
 

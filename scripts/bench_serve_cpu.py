@@ -8,13 +8,13 @@ inf on the same seed (the same prompts token for token, the same lengths). Each 
 seed, so the server's prefix cache never holds a prompt it is measured on. Two ratios per pair:
 
 - throughput: output tokens/s through HTTP over output tokens/s of the engine alone;
-- CPU: CPU seconds the server process spent per output token (``/proc/PID/stat``, all its
-  threads) over those the engine alone spent (``time.process_time``) on the same workload.
-  On a machine that other work shares, wall-clock throughput swings with that work; CPU time per
-  token is what the HTTP layer itself costs. The load generator's own CPU is reported too.
+- CPU: CPU seconds the server process spent on the run (``/proc/PID/stat``, all its threads), and
+  of them its HTTP thread's (the main thread: uvicorn's event loop), against the engine alone's
+  (``time.process_time``) on the same workload. On a small machine the load generator shares the
+  cores with the server, so its CPU is reported too.
 
-Then the rate sweep on fresh prompts. Both sides run torch with ``OMP_WAIT_POLICY=PASSIVE``
-(``quantkit serve`` sets it; it is set here before torch loads).
+Then the rate sweep on fresh prompts. Both sides run the engine with the same number of torch
+threads: ``quantkit serve``'s default on the CPU, all cores but one.
 
     python scripts/bench_serve_cpu.py --out scripts/results/serve_cpu
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import argparse
@@ -38,6 +37,8 @@ from pathlib import Path
 
 import httpx
 
+from quantkit.server.launch import default_cpu_threads
+
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -45,9 +46,10 @@ def quantkit(*args: str) -> list[str]:
     return [sys.executable, "-m", "quantkit", *args]
 
 
-def process_cpu(pid: int) -> float:
-    """User + system CPU seconds of a process, all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def process_cpu(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process (all its threads), or of its thread ``tid``."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
@@ -77,12 +79,14 @@ def start_server(args, log: Path) -> tuple[subprocess.Popen, str]:
     raise SystemExit("the server did not become ready")
 
 
-def serve_bench(cmd: list[str], server_pid: int) -> tuple[float, float]:
-    """Run the load generator; (server CPU seconds, load generator CPU seconds) it took."""
+def serve_bench(cmd: list[str], server_pid: int) -> tuple[float, float, float]:
+    """Run the load generator; the CPU seconds it took: the server's, its HTTP thread's, the
+    load generator's."""
     print("$", " ".join(cmd[1:]), flush=True)
-    server_before, client_before = process_cpu(server_pid), children_cpu()
+    before = process_cpu(server_pid), process_cpu(server_pid, server_pid), children_cpu()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return process_cpu(server_pid) - server_before, children_cpu() - client_before
+    after = process_cpu(server_pid), process_cpu(server_pid, server_pid), children_cpu()
+    return tuple(b - a for a, b in zip(before, after))
 
 
 def main() -> None:
@@ -95,6 +99,8 @@ def main() -> None:
     ap.add_argument("--rates", default="1,2,4,8")
     ap.add_argument("--kv-cache-tokens", type=int, default=32768)
     args = ap.parse_args()
+
+    import torch
 
     from quantkit.eval.latency import make_clock, open_engine, token_id_limit
     from quantkit.eval.throughput import (
@@ -113,9 +119,10 @@ def main() -> None:
                "workload": {"num_requests": args.num_requests, "input_len_range": args.input_len_range,
                             "output_len_range": args.output_len_range, "rates": args.rates,
                             "arrivals": "all at once for the pairs"},
-               "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "kv_cache_tokens": args.kv_cache_tokens,
+               "torch_threads": default_cpu_threads(), "kv_cache_tokens": args.kv_cache_tokens,
                "server_command": f"quantkit serve --kv-cache-tokens {args.kv_cache_tokens}", "pairs": [],
                "commands": []}
+    torch.set_num_threads(default_cpu_threads())  # as the server's engine runs
     engine = open_engine(None, kv_cache_tokens=args.kv_cache_tokens)
     limit = token_id_limit(engine)
     server, base = start_server(args, out / "server.log")
@@ -134,14 +141,15 @@ def main() -> None:
             serve_json = out / f"serve_inf_seed{repeat}.json"
             cmd = quantkit("bench", "serve", base, *workload_args, "--seed", str(repeat), "--request-rate", "inf",
                            "--json", str(serve_json))
-            server_cpu, client_cpu = serve_bench(cmd, server.pid)
+            server_cpu, http_cpu, client_cpu = serve_bench(cmd, server.pid)
             served = json.loads(serve_json.read_text())["runs"][0]
             pair = {"seed": repeat, "output_tokens": alone["output_tokens"],
                     "engine_output_tokens_per_s": alone["output_tokens_per_s"],
                     "served_output_tokens_per_s": served["output_tokens_per_s"],
                     "engine_requests_per_s": alone["requests_per_s"], "served_requests_per_s": served["requests_per_s"],
                     "served_failed": served["failed"], "served_output_tokens": served["output_tokens"],
-                    "engine_cpu_s": alone_cpu, "server_cpu_s": server_cpu, "load_generator_cpu_s": client_cpu,
+                    "engine_cpu_s": alone_cpu, "server_cpu_s": server_cpu, "server_http_thread_cpu_s": http_cpu,
+                    "load_generator_cpu_s": client_cpu,
                     "loadavg_after": [load_alone, os.getloadavg()[0]],
                     "engine_ttft_median_s": alone["ttft_s"]["median"], "served_ttft_median_s": served["ttft_s"]["median"],
                     "engine_tpot_median_s": alone["tpot_s"]["median"], "served_tpot_median_s": served["tpot_s"]["median"]}
@@ -150,8 +158,8 @@ def main() -> None:
             results["pairs"].append(pair)
             results["commands"].append(" ".join(cmd[1:]))
             print(f"pair {repeat}: engine {pair['engine_output_tokens_per_s']:.1f} tok/s ({alone_cpu:.1f} CPU s), "
-                  f"HTTP {pair['served_output_tokens_per_s']:.1f} tok/s ({server_cpu:.1f} CPU s, load generator "
-                  f"{client_cpu:.1f}), throughput loss {100 * pair['throughput_loss']:.1f}%, CPU overhead "
+                  f"HTTP {pair['served_output_tokens_per_s']:.1f} tok/s ({server_cpu:.1f} CPU s, HTTP thread "
+                  f"{http_cpu:.2f}, load generator {client_cpu:.1f}), throughput loss {100 * pair['throughput_loss']:.1f}%, CPU overhead "
                   f"{100 * pair['cpu_overhead']:.1f}%, load {pair['loadavg_after'][0]:.1f}/{pair['loadavg_after'][1]:.1f}",
                   flush=True)
             (out / "summary.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -162,7 +170,8 @@ def main() -> None:
         cmd = quantkit("bench", "serve", base, *workload_args, "--seed", "100", "--request-rate", args.rates,
                        "--json", str(sweep_json), "--plot", str(out / "serve_sweep.png"))
         results["commands"].append(" ".join(cmd[1:]))
-        results["sweep_server_cpu_s"], results["sweep_load_generator_cpu_s"] = serve_bench(cmd, server.pid)
+        cpu = serve_bench(cmd, server.pid)
+        results["sweep_server_cpu_s"], results["sweep_http_thread_cpu_s"], results["sweep_load_generator_cpu_s"] = cpu
         results["sweep_loadavg_after"] = os.getloadavg()[0]
         results["sweep"] = json.loads(sweep_json.read_text())["runs"]
     finally:

@@ -25,14 +25,10 @@ generator, ``metrics.txt`` (the server's Prometheus text at the end).
 
 from __future__ import annotations
 
-import os
-
-# as `quantkit serve` does, before torch loads: spinning OpenMP workers starve the HTTP thread on a CPU
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import importlib.util
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -181,6 +177,9 @@ def main() -> None:
     started = time.perf_counter()
     model = random_model(shape, args.device)
     if args.device == "cpu":
+        from quantkit.server.launch import default_cpu_threads
+
+        torch.set_num_threads(default_cpu_threads())  # as `quantkit serve` runs a CPU engine
         model = model.float()  # the CPU computes in float32, as load_model(dtype="auto") would
     if args.model == "w4a16":
         quantize_w4a16_in_place(model)

@@ -45,8 +45,8 @@ class LiveServer:
 @pytest.fixture(scope="package")
 def shared_engine():
     """One engine thread for the package. torch runs one intra-op thread meanwhile: this process
-    also runs the HTTP server and the clients, and OpenMP workers spinning between torch ops (torch
-    loaded before OMP_WAIT_POLICY could be set, as `quantkit serve` sets it) would starve them."""
+    also runs the HTTP server and the clients, and OpenMP workers spinning between torch ops on
+    every core would starve them (`quantkit serve` leaves a core free the same way)."""
     import torch
 
     from quantkit.runtime.engine import Engine
