@@ -147,8 +147,9 @@ class AsyncEngine:
         self._inbox = _Inbox()
         self._thread = threading.Thread(target=self._run, name="quantkit-engine", daemon=True)
         self._loaded = threading.Event()
-        self._count_lock = threading.Lock()
+        self._count_lock = threading.Lock()  # guards _in_flight, _closed and the order of adds
         self._in_flight = 0
+        self._closed = False  # the engine thread has ended: nothing put in the inbox is read
         # Engine-thread state.
         self._pending: deque[_Submission] = deque()
         self._live: dict[str, _Live] = {}
@@ -192,13 +193,16 @@ class AsyncEngine:
                limit: int | None = None) -> OutputStream:
         """Queue a validated request; refuse it (503 or 429) when the engine cannot take it."""
         self.check_serving()
-        with self._count_lock:
+        stream = OutputStream(asyncio.get_running_loop(), self._release)
+        with self._count_lock:  # the engine thread's last drain of the inbox happens under it too
+            if self._closed:
+                raise unavailable("the server is shutting down", code="shutting_down")
             if limit is not None and self._in_flight >= limit:
                 raise APIError(429, f"the server is at its limit of {limit} requests in flight; retry later",
                                RATE_LIMIT, code="queue_full", headers={"Retry-After": "1"})
             self._in_flight += 1
-        stream = OutputStream(asyncio.get_running_loop(), self._release)
-        self._inbox.put("add", _Submission(request_id, prompt_ids, params, streaming, stream, time.perf_counter()))
+            self._inbox.put("add", _Submission(request_id, prompt_ids, params, streaming, stream,
+                                               time.perf_counter()))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -227,7 +231,9 @@ class AsyncEngine:
             logger.error("loading the model failed: %s", self.problem)
             self._loaded.set()
             self._publish()
-            self._fail_everything(unavailable(f"the model failed to load: {self.problem}", code="load_failed"))
+            with self._count_lock:
+                self._closed = True
+                self._fail_everything(unavailable(f"the model failed to load: {self.problem}", code="load_failed"))
             if self.on_load_failure is not None:
                 self.on_load_failure(self.problem)
             return
@@ -247,8 +253,10 @@ class AsyncEngine:
         finally:
             if self.state == READY:
                 self.state = STOPPED
-            self._fail_everything(unavailable("the server stopped before this request finished",
-                                              code="shutting_down"))
+            with self._count_lock:  # no submission can slip into the inbox after this last drain
+                self._closed = True
+                self._fail_everything(unavailable("the server stopped before this request finished",
+                                                  code="shutting_down"))
             self._publish()
 
     def _loop(self) -> None:
