@@ -24,10 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
-import time
+import sys
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import triton
@@ -36,6 +36,9 @@ from rich.progress import track
 from rich.table import Table
 
 from quantkit.kernels import pack_quantized_weight, paged_attention, quantized_linear
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from device_timing import copy_bandwidth_gbs, eager_time_us, graph_time_us
 
 LLAMA3_8B_LINEARS = {  # (in, out)
     "q/o_proj": (4096, 4096),
@@ -66,51 +69,8 @@ if not console.is_terminal:  # a log file: do not squeeze the tables into 80 col
 
 
 def device_time_us(calls: list[Callable[[], object]], device: str, repeats: int = 5) -> tuple[float, float]:
-    """(graph, eager) mean microseconds per call of ``calls`` run in turn (one warm-up pass first)."""
-    for call in calls:
-        call()
-    if device != "cuda":
-        start = time.perf_counter()
-        for call in calls:
-            call()
-        per_call = (time.perf_counter() - start) / len(calls) * 1e6
-        return per_call, per_call
-    torch.cuda.synchronize()
-    eager = _events_us(lambda: [call() for call in calls], repeats) / len(calls)
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:  # warm the graph pool's allocator
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    in_graph = _events_us(graph.replay, repeats) / len(calls)
-    del graph
-    return in_graph, eager
-
-
-def _events_us(run: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbs(device: str) -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second), GB/s."""
-    size = 2**30 if device == "cuda" else 2**24
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    seconds = device_time_us([lambda: dst.copy_(src)] * 10, device)[0] / 1e6
-    return 2 * size / seconds / 1e9
+    """(graph, eager) microseconds per call of ``calls`` run in turn."""
+    return graph_time_us(calls, device, repeats), eager_time_us(calls, device, repeats)
 
 
 def copies_for(nbytes: int) -> int:

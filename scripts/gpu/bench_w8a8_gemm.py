@@ -38,15 +38,16 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from device_timing import copy_bandwidth_gbs, graph_time_us
 
 from quantkit.kernels.w8a8 import pack_w8a8_weights
 from quantkit.quant.w8a8 import quantize_activation, quantize_weight
@@ -64,43 +65,8 @@ TARGET_RATIO, TARGET_FROM_TOKENS = 1.6, 4096
 
 
 def device_time_us(calls: list[Callable[[], object]], device: str, repeats: int = 5) -> float:
-    """Mean microseconds per call of ``calls`` run in turn: CUDA events over a CUDA graph."""
-    for call in calls:
-        call()
-    if device != "cuda":
-        start = time.perf_counter()
-        for call in calls:
-            call()
-        return (time.perf_counter() - start) / len(calls) * 1e6
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for call in calls:
-            call()
-    torch.cuda.current_stream().wait_stream(stream)
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return statistics.median(times)
-
-
-def copy_bandwidth_gbs(device: str) -> float:
-    size = 2**30 if device == "cuda" else 2**24
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    seconds = device_time_us([lambda: dst.copy_(src)] * 10, device) / 1e6
-    return 2 * size / seconds / 1e9
+    """Median microseconds per call of ``calls`` replayed in a CUDA graph."""
+    return graph_time_us(calls, device, repeats)
 
 
 def bench_shape(name: str, k: int, n: int, tokens: list[int], device: str, dtype: torch.dtype, bandwidth: float,
