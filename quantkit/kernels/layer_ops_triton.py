@@ -20,11 +20,9 @@ from quantkit.kernels.backend import next_power_of_2
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, stride_x, stride_res, stride_out,
-                         stride_res_out, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    valid = cols < N
+def add_rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, cols, valid, N, stride_x, stride_res,
+                     stride_res_out, eps, HAS_RESIDUAL: tl.constexpr):
+    """One row of RMSNorm(x + residual) * weight, in float32 before its final rounding; stores x + residual."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=valid, other=0.0)
     if HAS_RESIDUAL:
         x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_res + cols, mask=valid, other=0.0).to(tl.float32))
@@ -34,8 +32,18 @@ def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, stride_
     variance = tl.sum(h * h, axis=0) / N
     normed = (h * tl.math.rsqrt(variance + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=valid, other=0.0)
-    tl.store(out_ptr + row * stride_out + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty),
-             mask=valid)
+    return w.to(tl.float32) * normed.to(tl.float32)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, N, stride_x, stride_res, stride_out,
+                         stride_res_out, eps, HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    valid = cols < N
+    y = add_rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, cols, valid, N, stride_x, stride_res,
+                         stride_res_out, eps, HAS_RESIDUAL)
+    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
@@ -95,16 +103,22 @@ def rotary_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 
 @triton.jit
+def silu_and_mul_row(gate_ptr, up_ptr, row, cols, valid, stride_gate, stride_up):
+    """silu(gate) * up of one row's columns ``cols``, in float32 before its final rounding (to up's dtype)."""
+    g = tl.load(gate_ptr + row * stride_gate + cols, mask=valid, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + row * stride_up + cols, mask=valid, other=0.0)
+    act = (g / (1.0 + tl.exp(-g))).to(u.dtype)
+    return act.to(tl.float32) * u.to(tl.float32)
+
+
+@triton.jit
 def _silu_and_mul_kernel(gate_ptr, up_ptr, out_ptr, N, stride_gate, stride_up, stride_out,
                          BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < N
-    g = tl.load(gate_ptr + row * stride_gate + cols, mask=valid, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + row * stride_up + cols, mask=valid, other=0.0)
-    act = (g / (1.0 + tl.exp(-g))).to(u.dtype)
-    tl.store(out_ptr + row * stride_out + cols, (act.to(tl.float32) * u.to(tl.float32)).to(out_ptr.dtype.element_ty),
-             mask=valid)
+    y = silu_and_mul_row(gate_ptr, up_ptr, row, cols, valid, stride_gate, stride_up)
+    tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
 def silu_and_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from quantkit.kernels.act_quant_triton import _round_half_even, round_to_e4m3
 from quantkit.kernels.backend import next_power_of_2
-from quantkit.kernels.layer_ops_triton import _check_rows, _warps
+from quantkit.kernels.layer_ops_triton import _check_rows, _warps, add_rms_norm_row, silu_and_mul_row
 from quantkit.kernels.quant_fused import QuantizedInput
 from quantkit.quant.w8a8 import MIN_SCALE, qmax, storage_dtype
 
@@ -44,16 +44,9 @@ def _add_rms_norm_quant_kernel(x_ptr, res_ptr, w_ptr, q_ptr, scale_ptr, static_s
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     valid = cols < N
-    x = tl.load(x_ptr + row * stride_x + cols, mask=valid, other=0.0)
-    if HAS_RESIDUAL:
-        x = (x.to(tl.float32) + tl.load(res_ptr + row * stride_res + cols, mask=valid, other=0.0).to(tl.float32))
-        x = x.to(res_out_ptr.dtype.element_ty)
-        tl.store(res_out_ptr + row * stride_res_out + cols, x, mask=valid)
-    h = x.to(tl.float32)
-    variance = tl.sum(h * h, axis=0) / N
-    normed = (h * tl.math.rsqrt(variance + eps)).to(x.dtype)
-    w = tl.load(w_ptr + cols, mask=valid, other=0.0)
-    y = (w.to(tl.float32) * normed.to(tl.float32)).to(OUT_DTYPE).to(tl.float32)
+    y = add_rms_norm_row(x_ptr, res_ptr, w_ptr, res_out_ptr, row, cols, valid, N, stride_x, stride_res,
+                         stride_res_out, eps, HAS_RESIDUAL)
+    y = y.to(OUT_DTYPE).to(tl.float32)  # the 16-bit value the unfused path would store
     _quantize_row(y, valid, q_ptr + row * stride_q, scale_ptr + row, static_scale_ptr, cols, QMAX, MIN_SCALE_C,
                   IS_INT, STATIC)
 
@@ -65,10 +58,8 @@ def _silu_and_mul_quant_kernel(gate_ptr, up_ptr, q_ptr, scale_ptr, static_scale_
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     valid = cols < N
-    g = tl.load(gate_ptr + row * stride_gate + cols, mask=valid, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + row * stride_up + cols, mask=valid, other=0.0)
-    act = (g / (1.0 + tl.exp(-g))).to(u.dtype)
-    y = (act.to(tl.float32) * u.to(tl.float32)).to(u.dtype).to(tl.float32)
+    y = silu_and_mul_row(gate_ptr, up_ptr, row, cols, valid, stride_gate, stride_up)
+    y = y.to(up_ptr.dtype.element_ty).to(tl.float32)  # the 16-bit value the unfused path would store
     _quantize_row(y, valid, q_ptr + row * stride_q, scale_ptr + row, static_scale_ptr, cols, QMAX, MIN_SCALE_C,
                   IS_INT, STATIC)
 
