@@ -14,7 +14,12 @@ import triton.language as tl
 
 from quantkit.kernels.act_quant_triton import _round_half_even, round_to_e4m3
 from quantkit.kernels.backend import next_power_of_2
-from quantkit.kernels.layer_ops_triton import _check_rows, _warps, add_rms_norm_row, silu_and_mul_row
+from quantkit.kernels.layer_ops_triton import (
+    _check_rows,
+    _warps,
+    add_rms_norm_row,
+    silu_and_mul_row,
+)
 from quantkit.kernels.quant_fused import QuantizedInput
 from quantkit.quant.w8a8 import MIN_SCALE, qmax, storage_dtype
 
