@@ -4,6 +4,7 @@ replays real CUDA graphs."""
 
 import pytest
 import torch
+from test_engine import run_staggered
 
 from quantkit.runtime.decode_graphs import BUCKETS
 from quantkit.runtime.engine import Engine
@@ -19,22 +20,13 @@ PROMPTS = [
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 
 
-def run_staggered(engine, params, start_steps):
-    ids, final, step = {}, {}, 0
-    while len(final) < len(PROMPTS):
-        for i, start in enumerate(start_steps):
-            if start == step:
-                ids[engine.add_request(PROMPTS[i], params)] = i
-        for output in engine.step():
-            if output.finished:
-                final[ids[output.request_id]] = output
-        step += 1
-    return [final[i].outputs[0].token_ids for i in range(len(PROMPTS))]
+def staggered_tokens(engine, params, start_steps):
+    return [o.outputs[0].token_ids for o in run_staggered(engine, PROMPTS, params, start_steps)]
 
 
 @pytest.fixture(scope="module")
 def eager_tokens():
-    return run_staggered(Engine(kv_cache_tokens=2048, cuda_graphs=False), GREEDY, [0, 1, 1, 4, 9])
+    return staggered_tokens(Engine(kv_cache_tokens=2048, cuda_graphs=False), GREEDY, [0, 1, 1, 4, 9])
 
 
 def test_static_decode_path_is_taken_and_matches_eager(eager_tokens, monkeypatch):
@@ -44,7 +36,7 @@ def test_static_decode_path_is_taken_and_matches_eager(eager_tokens, monkeypatch
     sizes_run = []
     original = graphs.run
     monkeypatch.setattr(graphs, "run", lambda *a: sizes_run.append(len(a[0])) or original(*a))
-    assert run_staggered(engine, GREEDY, [0, 1, 1, 4, 9]) == eager_tokens
+    assert staggered_tokens(engine, GREEDY, [0, 1, 1, 4, 9]) == eager_tokens
     assert {3, 5} & set(sizes_run)  # batches that are padded to 4 and 8 rows
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
@@ -62,7 +54,7 @@ def test_padding_rows_never_write_the_cache():
 def test_speculative_engine_with_static_decode_keeps_greedy_output(eager_tokens):
     engine = Engine(kv_cache_tokens=2048, draft="quantkit-draft", cuda_graphs="eager-static", max_num_seqs=8)
     assert engine.speculator.proposer.runner.graphs is not None
-    assert run_staggered(engine, GREEDY, [0, 1, 1, 4, 9]) == eager_tokens
+    assert staggered_tokens(engine, GREEDY, [0, 1, 1, 4, 9]) == eager_tokens
 
 
 def test_buckets_are_sorted_and_start_at_one():

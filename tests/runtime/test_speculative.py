@@ -14,6 +14,7 @@ from collections import Counter
 
 import pytest
 import torch
+from test_engine import run_staggered
 
 from quantkit.runtime.engine import Engine
 from quantkit.runtime.sampling_params import SamplingParams
@@ -60,21 +61,6 @@ def reference(plain):
     """Greedy token ids without speculation, by prompt."""
     outputs = plain.generate(PROMPTS, GREEDY)
     return {prompt: out.outputs[0].token_ids for prompt, out in zip(PROMPTS, outputs)}
-
-
-def run_staggered(engine, prompts, params, start_steps):
-    """Submit prompt i at step start_steps[i]; run to the end; outputs by prompt."""
-    ids, final, step = {}, {}, 0
-    while len(final) < len(prompts):
-        for i, start in enumerate(start_steps):
-            if start == step:
-                ids[engine.add_request(prompts[i], params)] = i
-        for output in engine.step():
-            if output.finished:
-                final[ids[output.request_id]] = output
-        step += 1
-        assert step < 1000
-    return [final[i] for i in range(len(prompts))]
 
 
 def draft_blocks(engine):
