@@ -38,6 +38,17 @@ for phase in "$@"; do
       timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_w8a8.py tests/sparsity/test_sparse_linear.py \
         > "$OUT/gpu_tests_helpers.txt" 2>&1
       timeout 240 python scripts/gpu/bench_w8a8_gemm.py --out "$OUT/w8a8_gemm.json" > "$OUT/w8a8_gemm.txt" 2>&1 ;;
+    helper-tests)
+      # issues 6 and 7: the 8-bit and KV-quant kernels, the W8A8 engine, the 2:4 sparse linear, on CUDA
+      timeout 240 python -m pytest -q -p no:cacheprovider --durations=8 tests/kernels/test_kernels_w8a8.py \
+        tests/kernels/test_kernels_kv_quant.py tests/runtime/test_engine_w8a8.py tests/sparsity/test_sparse_linear.py \
+        > "$OUT/gpu_tests_helpers.txt" 2>&1 ;;
+    w8a8-sweep)
+      timeout 300 python scripts/gpu/bench_w8a8_gemm.py --sweep --out "$OUT/w8a8_gemm.json" > "$OUT/w8a8_gemm.txt" 2>&1 ;;
+    sparse)
+      timeout 150 python scripts/gpu/bench_sparse_linear.py --out "$OUT/sparse_linear.json" > "$OUT/sparse_linear.txt" 2>&1 ;;
+    distill)
+      timeout 560 python scripts/gpu/run_distill.py --out "$OUT/distill.json" > "$OUT/distill.txt" 2>&1 ;;
     serve)
       timeout 200 python scripts/gpu/bench_serve.py --out /tmp/serve > "$OUT/serve.txt" 2>&1
       cp /tmp/serve/bench_serve.json /tmp/serve/serve_bench.png "$OUT/" 2>/dev/null ;;
