@@ -18,11 +18,10 @@ from quantkit.kernels.kv_write import check_kv_write_args
 
 
 @triton.jit
-def _to_cache(x, scale_ptr, heads, head_mask, QUANT: tl.constexpr):
-    """x (BLOCK_H, BLOCK_D) as the cache stores it: unchanged, or divided by the head's scale and
-    rounded to INT8 (QUANT 1) or to e4m3 (QUANT 2)."""
-    if QUANT == 0:
-        return x
+def _to_8bit_cache(x, scale_ptr, heads, head_mask, QUANT: tl.constexpr):
+    """x (BLOCK_H, BLOCK_D) divided by the head's scale and rounded to INT8 (QUANT 1) or to e4m3
+    (QUANT 2), as float32. (The 16-bit case stays in the caller: Triton 3.6 refuses a function whose
+    branches return different dtypes, even under a constexpr condition.)"""
     scale = tl.load(scale_ptr + heads, mask=head_mask, other=1.0)
     y = x.to(tl.float32) / scale
     if QUANT == 1:
@@ -61,10 +60,12 @@ def _write_kv_kernel(
     cache_offsets = slot * stride_cache_slot + heads * stride_cache_head + dims
     head_mask = heads < NUM_HEADS
     k = tl.load(k_ptr + token * stride_kt + heads * stride_kh + dims, mask=mask)
-    k = _to_cache(k, k_scale_ptr, heads, head_mask, QUANT)
+    if QUANT != 0:
+        k = _to_8bit_cache(k, k_scale_ptr, heads, head_mask, QUANT)
     tl.store(k_cache_ptr + cache_offsets, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     v = tl.load(v_ptr + token * stride_vt + heads * stride_vh + dims, mask=mask)
-    v = _to_cache(v, v_scale_ptr, heads, head_mask, QUANT)
+    if QUANT != 0:
+        v = _to_8bit_cache(v, v_scale_ptr, heads, head_mask, QUANT)
     tl.store(v_cache_ptr + cache_offsets, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
