@@ -4,6 +4,11 @@ Dynamic (per token): one pass finds the row's largest magnitude, the scale is ``
 (at least ``MIN_SCALE``), a second pass divides and rounds — INT8 half to even, as ``torch.round``
 does, FP8 by the conversion's own round-to-nearest-even — and stores the codes and the scale.
 Static (per tensor): the given scale, one pass. Same results as ``quant.w8a8.quantize_activation``.
+
+Every float32 division is ``tl.math.div_rn`` (IEEE round to nearest, as torch divides): Triton's
+``/`` lowers to ``div.full.f32`` on NVIDIA GPUs (up to 2 ulp off, triton-lang/triton#10661), which
+moves quotients that land on a rounding midpoint to the other code — the H100 run of
+``test_gpu_activation_quantization_equals_torch`` caught it; the interpreter divides exactly.
 """
 
 from __future__ import annotations
@@ -69,12 +74,12 @@ def _quantize_rows_kernel(
             k = k0 + tl.arange(0, BLOCK)
             x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
             absmax = tl.maximum(absmax, tl.abs(x))
-        scale = tl.maximum(tl.max(absmax, 0) / QMAX, MIN_SCALE_C)
+        scale = tl.maximum(tl.math.div_rn(tl.max(absmax, 0), QMAX), MIN_SCALE_C)
         tl.store(scale_ptr + row, scale)
     for k0 in range(0, K, BLOCK):
         k = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-        y = x / scale
+        y = tl.math.div_rn(x, scale)
         if IS_INT:
             y = tl.minimum(tl.maximum(_round_half_even(y), -128.0), 127.0)
         else:

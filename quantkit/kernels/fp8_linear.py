@@ -17,6 +17,7 @@ lets ``torch._scaled_mm`` accumulate in the tensor cores' reduced precision betw
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -68,6 +69,10 @@ def fp8_linear_scaled_mm(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor
             quantized = quantize_activation(x2, "float", packed.input_scale)
     xq, x_scale = quantized
     m = xq.shape[0]
+    if not xq.is_cuda and not _cpu_rowwise_scaled_mm_works():
+        # torch 2.11's CPU _scaled_mm takes per-tensor scales only; the exact emulation instead
+        y = w8a8_matmul_reference(xq, x_scale, packed.weight, packed.weight_scale, bias, x.dtype)
+        return y.reshape(*x.shape[:-1], packed.out_features)
     out_dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
     # row-wise scaling wants (M, 1) and (1, N) float32 scales
     scale_a = x_scale.reshape(-1, 1).expand(m, 1).contiguous()
@@ -76,6 +81,20 @@ def fp8_linear_scaled_mm(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor
     y = torch._scaled_mm(xq, packed.weight.t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
                          bias=None if bias is None else bias.to(out_dtype), use_fast_accum=fast)
     return y.to(x.dtype).reshape(*x.shape[:-1], packed.out_features)
+
+
+@functools.cache
+def _cpu_rowwise_scaled_mm_works() -> bool:
+    """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales (2.13 does; 2.11 asserts
+    "only supports per-tensor scaling for CPU backend")."""
+    try:
+        a = torch.ones(2, 16).to(torch.float8_e4m3fn)
+        b = torch.ones(16, 16).to(torch.float8_e4m3fn)
+        y = torch._scaled_mm(a, b.t(), scale_a=torch.full((2, 1), 2.0), scale_b=torch.full((1, 16), 0.5),
+                             out_dtype=torch.float32)
+        return bool((y == 16).all())
+    except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+        return False
 
 
 def fp8_supported(device: torch.device) -> bool:
