@@ -120,13 +120,38 @@ def test_tma_int8_gemm_equals_the_tiled_one(m, k, n, monkeypatch):
     x = inputs(m, k, device=device)
     codes, scale = quantize_activation(x, "int")
     bias = torch.randn(n).to(device)
-    for config in (None, Int8GemmConfig(16, 32, 32, group_m=2)):
+    configs = (None, Int8GemmConfig(16, 32, 32, group_m=2),  # more tiles than programs: each walks several
+               Int8GemmConfig(16, 32, 32, group_m=2, epilogue_subtile=True, flatten=True),
+               Int8GemmConfig(32, 16, 64, group_m=1, epilogue_subtile=True))
+    for config in configs:
         want = int8_gemm_triton(codes, scale, packed.weight, packed.weight_scale, bias, torch.float32, config)
         got = int8_gemm_tma_triton(codes, scale, packed.weight, packed.weight_scale, bias, torch.float32, config)
         assert_epilogue_close(got, want)
     monkeypatch.setenv("QUANTKIT_KERNELS", "triton")
     monkeypatch.setenv("QUANTKIT_INT8_GEMM", "tma")
     assert_epilogue_close(int8_linear(x, packed, bias), int8_linear_reference(x, packed, bias))
+
+
+@needs_triton
+def test_every_default_tile_computes_the_same_gemm():
+    from quantkit.kernels.int8_gemm_triton import (
+        choose_int8_config,
+        choose_int8_tma_config,
+        int8_gemm_tma_triton,
+        int8_gemm_triton,
+    )
+
+    configs = {choose(m, n) for choose in (choose_int8_config, choose_int8_tma_config)
+               for m in (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) for n in (1024, 4096, 14336)}
+    device = triton_device()
+    packed, _ = packed_weight(40, 96, "int", device=device)  # far smaller than every tile: edges everywhere
+    codes, scale = quantize_activation(inputs(21, 96, device=device), "int")
+    want = int8_linear_reference(inputs(21, 96, device=device), packed)
+    for config in sorted(configs, key=str):
+        assert config.block_k >= 32 and config.block_m >= 16 and config.block_n >= 16  # tensor-core minimums
+        for gemm in (int8_gemm_triton, int8_gemm_tma_triton):
+            got = gemm(codes, scale, packed.weight, packed.weight_scale, None, torch.float32, config)
+            assert_epilogue_close(got, want)
 
 
 @pytest.mark.parametrize("activations", ["dynamic", "static", "none"])
