@@ -73,8 +73,13 @@ def test_int8_output_is_close_to_float():
 @needs_triton
 @pytest.mark.parametrize("kind", ["int", "float"])
 @pytest.mark.parametrize("static", [False, True])
-def test_triton_activation_quantization_equals_torch(kind, static):
+@pytest.mark.parametrize("one_block", [True, False], ids=["row-in-registers", "row-in-blocks"])
+def test_triton_activation_quantization_equals_torch(kind, static, one_block, monkeypatch):
+    import quantkit.kernels.act_quant_triton as act_quant
     from quantkit.kernels.act_quant_triton import quantize_activation_triton
+
+    if not one_block:
+        monkeypatch.setattr(act_quant, "ONE_BLOCK_MAX", 64)  # the two-pass path, rows of 300 in 5 blocks
 
     device = triton_device()
     x = (inputs(9, 300) * torch.logspace(-2, 2, 300)).to(device)  # values across many binades
@@ -242,10 +247,11 @@ def test_gpu_fp8_scaled_mm_matches_the_reference(activations, m, k, n):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["int", "float"])
-def test_gpu_activation_quantization_equals_torch(kind):
+@pytest.mark.parametrize("k", [4096, 14336, 20000])  # rows in registers up to 16384, in blocks beyond
+def test_gpu_activation_quantization_equals_torch(kind, k):
     from quantkit.kernels.act_quant_triton import quantize_activation_triton
 
-    x = inputs(64, 4096, dtype=torch.bfloat16, device="cuda")
+    x = inputs(64, k, dtype=torch.bfloat16, device="cuda")
     got_q, got_s = quantize_activation_triton(x, kind)
     want_q, want_s = quantize_activation(x, kind)
     assert torch.equal(got_q.view(torch.int8), want_q.view(torch.int8))
