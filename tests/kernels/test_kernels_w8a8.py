@@ -138,6 +138,33 @@ def test_tma_int8_gemm_equals_the_tiled_one(m, k, n, monkeypatch):
 
 
 @needs_triton
+def test_auto_gemm_takes_the_tma_kernel_for_large_gemms(monkeypatch):
+    import quantkit.kernels.int8_gemm_triton as gemms
+    import quantkit.kernels.int8_linear as linear
+
+    calls = []
+    tma = gemms.int8_gemm_tma_triton
+    monkeypatch.setattr(gemms, "int8_gemm_tma_triton", lambda *args: calls.append(args[0].shape) or tma(*args))
+    monkeypatch.setattr(linear, "TMA_FROM_ROWS", 20)  # stand-ins for 4096 rows and N >= 4096
+    monkeypatch.setattr(linear, "TMA_MIN_N", 32)
+    monkeypatch.setenv("QUANTKIT_KERNELS", "triton")
+    monkeypatch.delenv("QUANTKIT_INT8_GEMM", raising=False)
+    device = triton_device()
+    if not linear._has_tma(torch.device(device)):
+        pytest.skip("tensor descriptors need Hopper or newer")
+    for m, n, used in ((19, 40, False), (20, 24, False), (20, 40, True)):
+        packed, _ = packed_weight(n, 64, "int", device=device)
+        x = inputs(m, 64, device=device)
+        calls.clear()
+        assert_epilogue_close(int8_linear(x, packed), int8_linear_reference(x, packed))
+        assert calls == ([(m, 64)] if used else [])
+    monkeypatch.setenv("QUANTKIT_INT8_GEMM", "tiled")
+    calls.clear()
+    int8_linear(x, packed)
+    assert calls == []
+
+
+@needs_triton
 def test_every_default_tile_computes_the_same_gemm():
     from quantkit.kernels.int8_gemm_triton import (
         choose_int8_config,
