@@ -76,8 +76,8 @@ def int8_linear_triton(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor |
 
 
 # ``auto``: the persistent TMA kernel where it measured faster than the tiled one (H100, Triton 3.6,
-# ``scripts/gpu/bench_w8a8_gemm.py``: from 4096 rows at N >= 4096, 3-8% faster than the best
-# tiled tile; slower for k/v_proj's N = 1024 and below 4096 rows).
+# ``scripts/results/w8a8_gemm_h100_sweep.json``: at N >= 4096, against the best swept tiled tile,
+# 3-7% faster at 8192 rows, -2% to +7% at 4096; slower for k/v_proj's N = 1024 and below 4096 rows).
 TMA_FROM_ROWS = 4096
 TMA_MIN_N = 4096
 
