@@ -53,8 +53,10 @@ for phase in "$@"; do
     distill)
       timeout 560 python scripts/gpu/run_distill.py --out "$OUT/distill.json" > "$OUT/distill.txt" 2>&1 ;;
     serve)
-      timeout 200 python scripts/gpu/bench_serve.py --out /tmp/serve > "$OUT/serve.txt" 2>&1
-      cp /tmp/serve/bench_serve.json /tmp/serve/serve_bench.png "$OUT/" 2>/dev/null ;;
+      # the GPU machine has no network and no server packages: wheels carried in .device_wheels (see README)
+      [ -d .device_wheels ] && python -m pip install -q --no-index --find-links .device_wheels fastapi uvicorn httptools uvloop \
+        prometheus-client httpx > "$OUT/serve_pip.txt" 2>&1
+      timeout 330 python scripts/gpu/bench_serve.py --out "$OUT/serve" > "$OUT/serve.txt" 2>&1 ;;
     spec)
       for draft in none quantkit-draft; do
         for conc in 1 64; do
