@@ -1,9 +1,16 @@
 """Activation quantization in Triton: each row of x (M, K) to INT8 or FP8 e4m3 in one program.
 
-Dynamic (per token): one pass finds the row's largest magnitude, the scale is ``absmax / QMAX``
-(at least ``MIN_SCALE``), a second pass divides and rounds — INT8 half to even, as ``torch.round``
+Dynamic (per token): the row's largest magnitude gives the scale ``absmax / QMAX`` (at least
+``MIN_SCALE``), then each value is divided and rounded — INT8 half to even, as ``torch.round``
 does, FP8 by the conversion's own round-to-nearest-even — and stores the codes and the scale.
-Static (per tensor): the given scale, one pass. Same results as ``quant.w8a8.quantize_activation``.
+Rows up to ``ONE_BLOCK_MAX`` wide (every Llama linear input) are read once and held in registers;
+wider ones are read twice. Static (per tensor): the given scale. Same results as
+``quant.w8a8.quantize_activation``.
+
+Every float32 division is ``tl.math.div_rn`` (IEEE round to nearest, as torch divides): Triton's
+``/`` lowers to ``div.full.f32`` on NVIDIA GPUs (up to 2 ulp off, triton-lang/triton#10661), which
+moves quotients that land on a rounding midpoint to the other code — the H100 run of
+``test_gpu_activation_quantization_equals_torch`` caught it; the interpreter divides exactly.
 """
 
 from __future__ import annotations
@@ -44,6 +51,17 @@ def round_to_e4m3(y):
 
 
 @triton.jit
+def _codes(x, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """float32 ``x / scale`` on the 8-bit grid (still float32)."""
+    y = tl.math.div_rn(x, scale)
+    if IS_INT:
+        y = tl.minimum(tl.maximum(_round_half_even(y), -128.0), 127.0)
+    else:
+        y = round_to_e4m3(tl.minimum(tl.maximum(y, -QMAX), QMAX))
+    return y
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr,
     q_ptr,
@@ -56,30 +74,40 @@ def _quantize_rows_kernel(
     MIN_SCALE_C: tl.constexpr,
     IS_INT: tl.constexpr,
     STATIC: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     q_row = q_ptr + row * stride_qm
-    if STATIC:
-        scale = tl.load(static_scale_ptr).to(tl.float32)
+    if ONE_BLOCK:  # the row fits one block: read once, keep it in registers
+        k = tl.arange(0, BLOCK)
+        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+        if STATIC:
+            scale = tl.load(static_scale_ptr).to(tl.float32)
+        else:
+            scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(x), 0), QMAX), MIN_SCALE_C)
+            tl.store(scale_ptr + row, scale)
+        tl.store(q_row + k, _codes(x, scale, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=k < K)
     else:
-        absmax = tl.zeros([BLOCK], tl.float32)
+        if STATIC:
+            scale = tl.load(static_scale_ptr).to(tl.float32)
+        else:
+            absmax = tl.zeros([BLOCK], tl.float32)
+            for k0 in range(0, K, BLOCK):
+                k = k0 + tl.arange(0, BLOCK)
+                x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
+                absmax = tl.maximum(absmax, tl.abs(x))
+            scale = tl.maximum(tl.math.div_rn(tl.max(absmax, 0), QMAX), MIN_SCALE_C)
+            tl.store(scale_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             k = k0 + tl.arange(0, BLOCK)
             x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-            absmax = tl.maximum(absmax, tl.abs(x))
-        scale = tl.maximum(tl.max(absmax, 0) / QMAX, MIN_SCALE_C)
-        tl.store(scale_ptr + row, scale)
-    for k0 in range(0, K, BLOCK):
-        k = k0 + tl.arange(0, BLOCK)
-        x = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)
-        y = x / scale
-        if IS_INT:
-            y = tl.minimum(tl.maximum(_round_half_even(y), -128.0), 127.0)
-        else:
-            y = round_to_e4m3(tl.minimum(tl.maximum(y, -QMAX), QMAX))
-        tl.store(q_row + k, y.to(q_ptr.dtype.element_ty), mask=k < K)
+            tl.store(q_row + k, _codes(x, scale, QMAX, IS_INT).to(q_ptr.dtype.element_ty), mask=k < K)
+
+
+# Rows up to this width are read once and held in registers (16 warps: 32 values per thread at most).
+ONE_BLOCK_MAX = 16384
 
 
 def quantize_activation_triton(x: torch.Tensor, kind: str, input_scale: torch.Tensor | None = None
@@ -95,9 +123,11 @@ def quantize_activation_triton(x: torch.Tensor, kind: str, input_scale: torch.Te
                                                                                 device=x.device)
     if m == 0:
         return q, scale
+    one_block = next_power_of_2(k) <= ONE_BLOCK_MAX
+    block = next_power_of_2(k) if one_block else min(4096, ONE_BLOCK_MAX)
     _quantize_rows_kernel[(m,)](
         x, q, scale, scale, k, x.stride(0), q.stride(0),
-        QMAX=qmax(kind), MIN_SCALE_C=MIN_SCALE, IS_INT=kind == "int", STATIC=static,
-        BLOCK=min(next_power_of_2(k), 4096), num_warps=4,
+        QMAX=qmax(kind), MIN_SCALE_C=MIN_SCALE, IS_INT=kind == "int", STATIC=static, ONE_BLOCK=one_block,
+        BLOCK=block, num_warps=max(4, min(16, block // 512)) if one_block else 4,
     )  # fmt: skip
     return q, scale

@@ -10,8 +10,9 @@ with int32 sums, scale in the epilogue. Three implementations of one function:
 
 ``int8_linear`` picks: Triton on CUDA (``kernels/backend.py``), ``torch._int_mm`` on the CPU
 (exact and much faster than float64), the reference with ``QUANTKIT_KERNELS=reference``.
-``QUANTKIT_INT8_GEMM=tma`` swaps the Triton GEMM for its persistent tensor-descriptor variant
-(``int8_gemm_tma_triton``, same results) where the shapes allow.
+The Triton GEMM is the tiled kernel, or from 4096 rows at N >= 4096 on Hopper its persistent
+tensor-descriptor variant (``int8_gemm_tma_triton``, same results), where that measured faster;
+``QUANTKIT_INT8_GEMM=tiled`` or ``tma`` forces one.
 """
 
 from __future__ import annotations
@@ -74,22 +75,45 @@ def int8_linear_triton(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor |
     return y.reshape(*x.shape[:-1], packed.out_features)
 
 
+# ``auto``: the persistent TMA kernel where it measured faster than the tiled one (H100, Triton 3.6,
+# ``scripts/results/w8a8_gemm_h100_sweep.json``: at N >= 4096, against the best swept tiled tile,
+# 3-7% faster at 8192 rows, -2% to +7% at 4096; slower for k/v_proj's N = 1024 and below 4096 rows).
+TMA_FROM_ROWS = 4096
+TMA_MIN_N = 4096
+
+
 def _triton_gemm():
-    """The Triton INT8 GEMM ``QUANTKIT_INT8_GEMM`` names: ``tiled`` (default) or ``tma``."""
+    """The Triton INT8 GEMM ``QUANTKIT_INT8_GEMM`` names: ``auto`` (default: the TMA kernel for large
+    GEMMs on Hopper, the tiled one otherwise), ``tiled`` or ``tma`` (wherever the shapes allow)."""
     from quantkit.kernels.int8_gemm_triton import int8_gemm_tma_triton, int8_gemm_triton
 
-    choice = os.environ.get("QUANTKIT_INT8_GEMM", "tiled").strip().lower() or "tiled"
-    if choice not in ("tiled", "tma"):
-        raise ValueError(f"QUANTKIT_INT8_GEMM={choice!r} is not one of tiled, tma")
+    choice = os.environ.get("QUANTKIT_INT8_GEMM", "auto").strip().lower() or "auto"
+    if choice not in ("auto", "tiled", "tma"):
+        raise ValueError(f"QUANTKIT_INT8_GEMM={choice!r} is not one of auto, tiled, tma")
     if choice == "tiled":
         return int8_gemm_triton
 
-    def tma_where_possible(a, a_scale, b, b_scale, bias, out_dtype, config=None):
-        if a.shape[1] % 16 or b.shape[0] % 8:
-            return int8_gemm_triton(a, a_scale, b, b_scale, bias, out_dtype, config)
-        return int8_gemm_tma_triton(a, a_scale, b, b_scale, bias, out_dtype, config)
+    def chosen(a, a_scale, b, b_scale, bias, out_dtype, config=None):
+        fits = a.shape[1] % 16 == 0 and b.shape[0] % 8 == 0 and _has_tma(a.device)
+        if choice == "auto":
+            fits = fits and config is None and a.shape[0] >= TMA_FROM_ROWS and b.shape[0] >= TMA_MIN_N
+        if fits:
+            return int8_gemm_tma_triton(a, a_scale, b, b_scale, bias, out_dtype, config)
+        return int8_gemm_triton(a, a_scale, b, b_scale, bias, out_dtype, config)
 
-    return tma_where_possible
+    return chosen
+
+
+def _has_tma(device: torch.device) -> bool:
+    """Tensor descriptors: Hopper or newer; the interpreter emulates them on the CPU."""
+    if device.type == "cuda":
+        return _cuda_capability(device.index if device.index is not None else torch.cuda.current_device()) >= (9, 0)
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _cuda_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def int8_linear(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

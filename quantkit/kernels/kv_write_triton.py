@@ -23,7 +23,7 @@ def _to_8bit_cache(x, scale_ptr, heads, head_mask, QUANT: tl.constexpr):
     (QUANT 2), as float32. (The 16-bit case stays in the caller: Triton 3.6 refuses a function whose
     branches return different dtypes, even under a constexpr condition.)"""
     scale = tl.load(scale_ptr + heads, mask=head_mask, other=1.0)
-    y = x.to(tl.float32) / scale
+    y = tl.math.div_rn(x.to(tl.float32), scale)  # IEEE division, as torch (see act_quant_triton)
     if QUANT == 1:
         return tl.minimum(tl.maximum(_round_half_even(y), -128.0), 127.0)
     return round_to_e4m3(tl.minimum(tl.maximum(y, -448.0), 448.0))

@@ -31,9 +31,9 @@ def _quantize_row(y, valid, q_row_ptr, scale_ptr, static_scale_ptr, cols, QMAX: 
     if STATIC:
         scale = tl.load(static_scale_ptr).to(tl.float32)
     else:
-        scale = tl.maximum(tl.max(tl.where(valid, tl.abs(y), 0.0), 0) / QMAX, MIN_SCALE_C)
+        scale = tl.maximum(tl.math.div_rn(tl.max(tl.where(valid, tl.abs(y), 0.0), 0), QMAX), MIN_SCALE_C)
         tl.store(scale_ptr, scale)
-    q = y / scale
+    q = tl.math.div_rn(y, scale)  # IEEE division, as torch (see act_quant_triton)
     if IS_INT:
         q = tl.minimum(tl.maximum(_round_half_even(q), -128.0), 127.0)
     else:

@@ -28,7 +28,9 @@ y) over the device-to-device copy bandwidth measured in the same run. The issue'
 
     python scripts/gpu/bench_w8a8_gemm.py --out results.json [--sweep] [--tokens 1,16,4096] [--dry-run]
 
-``--sweep`` also times other INT8 Triton tiles and records the fastest per case;
+``--sweep`` also times other tiles of the INT8 Triton kernel and, from 1024 rows, of its
+persistent TMA variant (with and without epilogue subtiling and loop flattening), recording every
+time and the fastest per case;
 ``--dry-run`` runs tiny shapes on the CPU (float32, the CPU implementations): a smoke test.
 """
 
@@ -197,31 +199,66 @@ def _clone(packed):
                       packed.input_scale)
 
 
-def _sweep_int8(q_int, int8s, dtype, device, m, n) -> dict:
-    from quantkit.kernels.int8_gemm_triton import Int8GemmConfig, int8_gemm_triton
+TILED_CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages, group_m)
+    (16, 32, 256, 4, 4, 1), (16, 64, 256, 4, 4, 1), (16, 128, 128, 4, 4, 1), (32, 64, 256, 4, 4, 8),
+    (64, 64, 128, 4, 4, 8), (64, 128, 128, 4, 4, 8), (64, 256, 128, 8, 3, 8), (128, 128, 128, 8, 3, 8),
+    (128, 128, 128, 8, 4, 8), (128, 256, 128, 8, 3, 8), (128, 256, 128, 8, 4, 8), (256, 128, 128, 8, 3, 8),
+    (256, 128, 128, 8, 4, 8), (128, 256, 64, 8, 4, 8), (128, 256, 64, 8, 5, 8), (256, 128, 64, 8, 5, 8),
+    (128, 128, 256, 8, 3, 8), (256, 256, 64, 8, 3, 8), (128, 256, 128, 8, 3, 16),
+)
+# the persistent TMA kernel from PERSISTENT_FROM_TOKENS rows: (block_m, block_n, block_k, num_warps,
+# num_stages, group_m, epilogue_subtile, flatten); the first is its default, the fifth the variant
+# measured before (no subtiling, no flattening)
+PERSISTENT_CANDIDATES = (
+    (128, 256, 128, 8, 3, 8, True, True), (128, 256, 128, 8, 4, 8, True, True),
+    (128, 256, 128, 8, 3, 8, False, True), (128, 256, 128, 8, 3, 8, True, False),
+    (128, 256, 128, 8, 3, 8, False, False), (256, 128, 128, 8, 3, 8, True, True),
+    (256, 128, 128, 8, 4, 8, True, True), (128, 128, 128, 8, 4, 8, False, True),
+    (128, 128, 128, 4, 4, 8, False, True), (128, 128, 128, 8, 5, 8, True, True),
+    (128, 256, 64, 8, 5, 8, True, True), (128, 128, 256, 8, 3, 8, True, True),
+    (128, 256, 128, 8, 3, 16, True, True), (256, 128, 64, 8, 5, 8, True, True),
+)
+PERSISTENT_FROM_TOKENS = 1024
 
-    candidates = [Int8GemmConfig(bm, bn, bk, group_m=g, num_warps=w, num_stages=s)
-                  for bm, bn, bk, w, s, g in ((16, 32, 256, 4, 4, 1), (16, 64, 256, 4, 4, 1), (16, 128, 128, 4, 4, 1),
-                                              (32, 64, 256, 4, 4, 8), (64, 64, 128, 4, 4, 8), (64, 128, 128, 4, 4, 8),
-                                              (64, 256, 128, 8, 3, 8), (128, 128, 128, 8, 3, 8),
-                                              (128, 128, 128, 8, 4, 8), (128, 256, 128, 8, 3, 8),
-                                              (128, 256, 128, 8, 4, 8), (256, 128, 128, 8, 3, 8),
-                                              (256, 128, 128, 8, 4, 8), (128, 256, 64, 8, 4, 8),
-                                              (128, 256, 64, 8, 5, 8), (256, 128, 64, 8, 5, 8),
-                                              (128, 128, 256, 8, 3, 8), (256, 256, 64, 8, 3, 8),
-                                              (128, 256, 128, 8, 3, 16))
-                  if bm <= max(16, 2 * m)]
-    best = {}
-    for config in candidates:
+
+def _sweep_label(kernel: str, config) -> str:
+    extras = ("" if not config.epilogue_subtile else " subtile") + ("" if not config.flatten else " flat")
+    return (f"{kernel} {config.block_m}x{config.block_n}x{config.block_k} g{config.group_m} w{config.num_warps} "
+            f"s{config.num_stages}{extras}")
+
+
+def _sweep_int8(q_int, int8s, dtype, device, m, n) -> dict:
+    """Every candidate's time (``all_us``) and the fastest: the tiled kernel's tiles that fit the
+    rows, and from PERSISTENT_FROM_TOKENS rows the persistent TMA kernel's."""
+    from quantkit.kernels.int8_gemm_triton import (
+        Int8GemmConfig,
+        int8_gemm_tma_triton,
+        int8_gemm_triton,
+    )
+
+    candidates = [("tiled", int8_gemm_triton, Int8GemmConfig(bm, bn, bk, group_m=g, num_warps=w, num_stages=s))
+                  for bm, bn, bk, w, s, g in TILED_CANDIDATES if bm <= max(16, 2 * m)]
+    if m >= PERSISTENT_FROM_TOKENS:
+        candidates += [("tma", int8_gemm_tma_triton, Int8GemmConfig(bm, bn, bk, group_m=g, num_warps=w, num_stages=s,
+                                                                    epilogue_subtile=sub, flatten=flat))
+                       for bm, bn, bk, w, s, g, sub, flat in PERSISTENT_CANDIDATES]
+    best, every = {}, {}
+    for kernel, gemm, config in candidates:
+        label = _sweep_label(kernel, config)
         try:
-            t = device_time_us([lambda q=q, p=p, c=config: int8_gemm_triton(q[0], q[1], p.weight, p.weight_scale,
-                                                                            None, dtype, c)
+            t = device_time_us([lambda q=q, p=p, c=config, f=gemm: f(q[0], q[1], p.weight, p.weight_scale, None,
+                                                                      dtype, c)
                                 for q, p in zip(q_int, int8s)], device)
         except Exception as exc:  # noqa: BLE001 - a tile that does not fit shared memory on this device
-            print(f"  sweep {config}: {type(exc).__name__}", flush=True)
+            print(f"  sweep {label}: {type(exc).__name__}", flush=True)
             continue
+        every[label] = t
         if not best or t < best["us"]:
-            best = {"us": t, "config": dataclasses.asdict(config)}
+            best = {"us": t, "kernel": kernel, "config": dataclasses.asdict(config)}
+    if best:
+        best["label"] = min(every, key=every.get)
+        best["all_us"] = every
+        print(f"  sweep best {best['label']}: {best['us']:.1f}us", flush=True)
     return best
 
 
@@ -245,7 +282,26 @@ def summary(rows: list[dict]) -> list[str]:
                 verdict = "meets" if min(ratios) >= TARGET_RATIO else "misses"
                 lines.append(f"{shape:24s} {key:19s} min speed-up at M >= {TARGET_FROM_TOKENS}: {min(ratios):.2f}x "
                              f"({verdict} the {TARGET_RATIO}x target)")
-    return lines
+        swept = [row["times_us"]["bf16"] / row["sweep"]["us"] for row in big if row.get("sweep")]
+        if swept:
+            verdict = "meets" if min(swept) >= TARGET_RATIO else "misses"
+            labels = sorted({row["sweep"]["label"] for row in big if row.get("sweep")})
+            lines.append(f"{shape:24s} {'int8 best swept':19s} min speed-up at M >= {TARGET_FROM_TOKENS}: "
+                         f"{min(swept):.2f}x ({verdict} the {TARGET_RATIO}x target; {', '.join(labels)})")
+    return lines + single_config_summary(rows)
+
+
+def single_config_summary(rows: list[dict], top: int = 6) -> list[str]:
+    """The swept candidates that do best as one default for all shapes from TARGET_FROM_TOKENS
+    rows: each one's worst ratio to bf16 over those rows (candidates timed in all of them)."""
+    big = [row for row in rows if row["M"] >= TARGET_FROM_TOKENS and row.get("sweep", {}).get("all_us")]
+    if not big:
+        return []
+    labels = set.intersection(*(set(row["sweep"]["all_us"]) for row in big))
+    worst = {label: min(row["times_us"]["bf16"] / row["sweep"]["all_us"][label] for row in big) for label in labels}
+    ranked = sorted(worst, key=worst.get, reverse=True)[:top]
+    return [f"one config for every shape at M >= {TARGET_FROM_TOKENS}: {label:48s} worst {worst[label]:.2f}x bf16"
+            for label in ranked]
 
 
 def main() -> None:

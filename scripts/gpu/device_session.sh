@@ -45,6 +45,9 @@ for phase in "$@"; do
         > "$OUT/gpu_tests_helpers.txt" 2>&1 ;;
     w8a8-sweep)
       timeout 300 python scripts/gpu/bench_w8a8_gemm.py --sweep --out "$OUT/w8a8_gemm.json" > "$OUT/w8a8_gemm.txt" 2>&1 ;;
+    fp8-accum)
+      # issue 6: FP8 fast accumulation's GEMM error at 8B shapes and the bundled target's fp8-dynamic perplexity, on and off
+      timeout 300 python scripts/gpu/check_fp8_fast_accum.py --out "$OUT/fp8_fast_accum.json" > "$OUT/fp8_fast_accum.txt" 2>&1 ;;
     sparse)
       timeout 150 python scripts/gpu/bench_sparse_linear.py --out "$OUT/sparse_linear.json" > "$OUT/sparse_linear.txt" 2>&1 ;;
     distill)
