@@ -18,7 +18,9 @@ the optimizer state (``torch.save``, read back with ``weights_only=True``) and t
 (JSON); ``resume=True`` continues from the latest one and checks that the settings that shape
 training are unchanged. With ``max_minutes`` and no ``max_steps`` the run sizes itself: after
 the warm-up it measures its step time and fixes the number of steps that fit the budget (stored
-in the checkpoint, so a resumed run keeps it).
+in the checkpoint, so a resumed run keeps it). ``deadline`` (a ``time.monotonic()`` moment) also
+bounds a run from outside, for a job with a hard wall-clock limit: training stops at the first
+step boundary past it, and a run that sizes itself sizes itself to whichever ends first.
 
 The report gives the student's perplexity before and after (the written checkpoint, reloaded),
 the teacher's, and the share of the student's perplexity gap to the teacher that was recovered.
@@ -97,7 +99,7 @@ Callback = Callable[[str, Any], None]
 
 def distill(teacher: str | None, student: str, output: str | Path, config: DistillConfig, *, device: str = "cpu",
             overwrite: bool = False, resume: bool = False, checkpoint_dir: str | Path | None = None,
-            callback: Callback | None = None) -> dict:
+            callback: Callback | None = None, deadline: float | None = None) -> dict:
     """Distill ``teacher`` into ``student`` and write the trained student to ``output``.
 
     ``callback(kind, payload)`` receives ``("phase", text)``, ``("start", (first_step, total_steps))``,
@@ -165,7 +167,7 @@ def distill(teacher: str | None, student: str, output: str | Path, config: Disti
     need_hidden = config.hidden_weight > 0
     step_times: list[float] = []
     wrapper.train()
-    while not _finished(state, config):
+    while not _finished(state, config, deadline):
         tick = time.perf_counter()
         lr = learning_rate(state.step, config, state.total_steps)
         for group in optimizer.param_groups:
@@ -194,7 +196,7 @@ def distill(teacher: str | None, student: str, output: str | Path, config: Disti
         state.train_seconds += seconds
         step_times.append(seconds)
         if state.total_steps is None and state.step >= max(config.warmup_steps, SIZING_STEPS):
-            state.total_steps = _size_run(state, config, step_times)
+            state.total_steps = _size_run(state, config, step_times, deadline)
             notify("sized", state.total_steps)
         log = StepLog(state.step, state.total_steps, total, parts, lr, state.tokens, step_tokens / seconds,
                       state.train_seconds)
@@ -202,7 +204,7 @@ def distill(teacher: str | None, student: str, output: str | Path, config: Disti
             state.history.append({"step": state.step, "loss": round(total, 5),
                                   **{k: round(v, 5) for k, v in parts.items()}, "lr": lr})
         notify("step", log)
-        if state.step % config.save_every == 0 and not _finished(state, config):
+        if state.step % config.save_every == 0 and not _finished(state, config, deadline):
             _save_checkpoint(accelerator, wrapper, optimizer, state, checkpoint_dir, teacher_loaded.path,
                              student_loaded.path, config)
     _save_checkpoint(accelerator, wrapper, optimizer, state, checkpoint_dir, teacher_loaded.path, student_loaded.path,
@@ -270,16 +272,20 @@ def _loss(wrapper, teacher, ids, config: DistillConfig, layer_map, need_hidden: 
     return loss, values
 
 
-def _finished(state: _State, config: DistillConfig) -> bool:
+def _finished(state: _State, config: DistillConfig, deadline: float | None = None) -> bool:
     if state.total_steps is not None and state.step >= state.total_steps:
+        return True
+    if deadline is not None and time.monotonic() >= deadline:
         return True
     return config.max_minutes is not None and state.train_seconds >= config.max_minutes * 60
 
 
-def _size_run(state: _State, config: DistillConfig, step_times: list[float]) -> int:
+def _size_run(state: _State, config: DistillConfig, step_times: list[float], deadline: float | None = None) -> int:
     timed = step_times[1:] or step_times  # the first step pays for warming up
     per_step = sum(timed) / len(timed)
     remaining = config.max_minutes * 60 - state.train_seconds
+    if deadline is not None:
+        remaining = min(remaining, deadline - time.monotonic())
     return state.step + max(0, int(remaining / per_step))
 
 

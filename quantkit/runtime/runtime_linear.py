@@ -23,12 +23,16 @@ from quantkit.kernels import (
 from quantkit.kernels.w8a8 import W8A8Weight, pack_w8a8_weights, w8a8_linear
 from quantkit.quant.dequant_linear import DequantLinear, UnpackedWeight
 from quantkit.quant.w8a8_linear import W8A8Linear
-from quantkit.runtime.sparse_linear import semi_structured_weight, sparse_linear
+from quantkit.runtime.sparse_linear import (
+    SemiStructuredWeight,
+    semi_structured_weight,
+    sparse_linear,
+)
 
 
 class RuntimeLinear:
     def __init__(self, weight: torch.Tensor | None = None, packed: PackedWeight | None = None,
-                 bias: torch.Tensor | None = None, sparse: torch.Tensor | None = None) -> None:
+                 bias: torch.Tensor | None = None, sparse: SemiStructuredWeight | None = None) -> None:
         if sum(w is not None for w in (weight, packed, sparse)) != 1:
             raise ValueError("give exactly one of a dense weight, a packed one or a 2:4 compressed one")
         self.weight, self.packed, self.bias, self.sparse = weight, packed, bias, sparse

@@ -5,8 +5,11 @@ For each linear shape (in, out) and each number of tokens M, a random bf16 weigh
 
 * dense: ``F.linear`` with the pruned weight stored dense (what engines load today);
 * sparse: ``F.linear`` with the weight compressed by PyTorch's semi-structured sparse tensors, on
-  each backend this build has (CUTLASS, cuSPARSELt) -- the path quantkit's runtime takes for 2:4
-  checkpoints (``quantkit/runtime/sparse_linear.py``).
+  each backend that works on this GPU (CUTLASS, cuSPARSELt) -- the path quantkit's runtime takes
+  for 2:4 checkpoints (``quantkit/runtime/sparse_linear.py``). Every backend is first probed with
+  the runtime's own check (a small 2:4 linear against the dense product); one that fails (CUTLASS
+  on Hopper: its kernels are built for compute capability 8.x) is reported with its error and not
+  timed. The JSON says which backend the runtime uses here (``runtime_backend``).
 
 Each figure is the mean device time of one call, measured with CUDA events over a CUDA graph of
 many calls (launch and Python dispatch overhead excluded, as in the runtime's decode graphs), and
@@ -36,6 +39,14 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
+from quantkit.runtime.sparse_linear import (
+    BACKEND_CLASSES,
+    backend_class,
+    chosen_backend,
+    cusparselt_available,
+    probe_backend,
+)
+
 LLAMA3_8B_LINEARS = {  # (in, out)
     "q/o_proj": (4096, 4096),
     "k/v_proj": (4096, 1024),
@@ -55,18 +66,23 @@ def prune_2of4(weight: torch.Tensor) -> torch.Tensor:
     return (runs * keep).reshape(weight.shape)
 
 
-def backends(dry_run: bool) -> dict:
-    """name -> function compressing a dense 2:4 weight for F.linear."""
+def probe_backends(dtype, dry_run: bool) -> dict[str, str | None]:
+    """backend -> None when it computes a small 2:4 linear correctly on this GPU, else the error."""
     if dry_run:
-        return {"dense-stand-in": lambda w: w}
-    found = {}
-    cutlass = getattr(torch.sparse, "SparseSemiStructuredTensorCUTLASS", None)
-    if cutlass is not None:
-        found["cutlass"] = cutlass.from_dense
-    cusparselt = getattr(torch.sparse, "SparseSemiStructuredTensorCUSPARSELT", None)
-    if cusparselt is not None and torch.backends.cusparselt.is_available():
-        found["cusparselt"] = cusparselt.from_dense
-    return found
+        return {"dense-stand-in": None}
+    probes = {}
+    for name in BACKEND_CLASSES:
+        if name == "cusparselt" and not cusparselt_available():
+            probes[name] = "torch.backends.cusparselt.is_available() is False"
+        else:
+            probes[name] = probe_backend(name, "cuda", dtype)
+    return probes
+
+
+def backends(probes: dict[str, str | None]) -> dict:
+    """name -> function compressing a dense 2:4 weight for F.linear, for the backends that work."""
+    working = [name for name, error in probes.items() if error is None]
+    return {name: (lambda w: w) if name == "dense-stand-in" else backend_class(name).from_dense for name in working}
 
 
 def copy_bandwidth(device: str) -> float | None:
@@ -125,17 +141,17 @@ def time_calls(fn, device: str, calls: int, graph: bool) -> float:
     return statistics.median(samples)
 
 
-def bench_shape(name: str, in_f: int, out_f: int, tokens: list[int], dtype, device: str, dry_run: bool,
+def bench_shape(name: str, in_f: int, out_f: int, tokens: list[int], dtype, device: str, compressors: dict,
                 bandwidth: float | None) -> list[dict]:
     generator = torch.Generator(device="cpu").manual_seed(0)
     dense = prune_2of4(torch.randn(out_f, in_f, generator=generator).to(device, dtype))
     copies = max(1, min(64, ROTATION_BYTES // dense.numel() // dense.element_size()))
     weights = {"dense": [dense.clone() for _ in range(copies)]}
-    for backend, compress in backends(dry_run).items():
+    for backend, compress in compressors.items():
         try:
             weights[backend] = [compress(w) for w in weights["dense"]]
-        except (RuntimeError, NotImplementedError) as error:
-            console.print(f"[yellow]{backend} unavailable for {name}: {error}[/]")
+        except Exception as error:  # noqa: BLE001 -- report it, time the others
+            console.print(f"[yellow]{backend} unavailable for {name}: {str(error).splitlines()[0]}[/]")
     rows = []
     for m in tokens:
         x = torch.randn(m, in_f, generator=generator).to(device, dtype)
@@ -143,11 +159,15 @@ def bench_shape(name: str, in_f: int, out_f: int, tokens: list[int], dtype, devi
         row = {"linear": name, "in": in_f, "out": out_f, "tokens": m, "weight_copies": copies}
         calls = max(copies, 32 if m <= 256 else 8)
         for label, ws in weights.items():
-            out = F.linear(x, ws[0])
+            try:
+                out = F.linear(x, ws[0])
+            except Exception as error:  # noqa: BLE001 -- a backend failing at this shape: report it
+                row[label] = {"error": str(error).splitlines()[0], "graph_s": None, "eager_s": None}
+                continue
             entry = {"max_abs_diff_vs_dense": (out.float() - want.float()).abs().max().item()}
             for mode, graph in (("graph", True), ("eager", False)):
                 try:
-                    entry[f"{mode}_s"] = time_calls(lambda i, ws=ws: F.linear(x, ws[i % len(ws)]), device, calls,
+                    entry[f"{mode}_s"] = time_calls(lambda i, ws=ws, x=x: F.linear(x, ws[i % len(ws)]), device, calls,
                                                     graph and device == "cuda")
                 except RuntimeError as error:  # e.g. a backend that cannot be captured in a graph
                     entry[f"{mode}_s"], entry[f"{mode}_error"] = None, str(error).splitlines()[0]
@@ -157,6 +177,8 @@ def bench_shape(name: str, in_f: int, out_f: int, tokens: list[int], dtype, devi
             entry["bandwidth_limit_s"] = None if bandwidth is None else moved / bandwidth
             row[label] = entry
         for label in weights:
+            if "error" in row[label]:
+                continue
             for mode in ("graph", "eager"):
                 base, here = row["dense"].get(f"{mode}_s"), row[label].get(f"{mode}_s")
                 row[label][f"{mode}_speedup_vs_dense"] = base / here if base and here else None
@@ -177,14 +199,14 @@ def summary_line(row: dict) -> str:
 
 
 def render(rows: list[dict]) -> None:
-    labels = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    labels = list(dict.fromkeys(k for row in rows for k in row if isinstance(row[k], dict)))
     table = Table(title="2:4 sparse vs dense F.linear, graph-replayed device time per call (us); ratio = dense / sparse")
     for column in ("linear", "M", *[f"{label} us" for label in labels], *[f"{label} x" for label in labels[1:]],
                    "dense limit us"):
         table.add_column(column, justify="right")
     for row in rows:
-        times = [row[label].get("graph_s") for label in labels]
-        ratios = [row[label].get("graph_speedup_vs_dense") for label in labels[1:]]
+        times = [row.get(label, {}).get("graph_s") for label in labels]
+        ratios = [row.get(label, {}).get("graph_speedup_vs_dense") for label in labels[1:]]
         limit = row["dense"].get("bandwidth_limit_s")
         table.add_row(row["linear"], str(row["tokens"]), *[f"{t * 1e6:.1f}" if t else "-" for t in times],
                       *[f"{r:.2f}" if r else "-" for r in ratios], f"{limit * 1e6:.1f}" if limit else "-")
@@ -207,17 +229,30 @@ def main() -> None:
     if args.linears:
         shapes = {name: shapes[name] for name in args.linears.split(",")}
     tokens = [int(t) for t in args.tokens.split(",")] if not args.dry_run else [1, 16]
+    probes = probe_backends(dtype, args.dry_run)
+    for backend, error in probes.items():
+        console.print(f"backend {backend}: " + ("works" if error is None else f"[yellow]fails: {error}[/]"),
+                      highlight=False)
+    runtime_backend = chosen_backend("cuda", dtype) if device == "cuda" else None
+    if device == "cuda":
+        console.print(f"quantkit's runtime uses: {runtime_backend or 'dense (no sparse backend works)'}",
+                      highlight=False)
+    compressors = backends(probes)
     bandwidth = copy_bandwidth(device)
     rows = []
     for name, (in_f, out_f) in shapes.items():
-        rows += bench_shape(name, in_f, out_f, tokens, dtype, device, args.dry_run, bandwidth)
+        rows += bench_shape(name, in_f, out_f, tokens, dtype, device, compressors, bandwidth)
     render(rows)
     payload = {
         "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": str(dtype).removeprefix("torch."),
         "dry_run": args.dry_run, "copy_bandwidth_bytes_per_s": bandwidth,
-        "backends": list(backends(args.dry_run)), "default_backend":
-            "cutlass" if getattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS", True) else "cusparselt",
+        "capability": list(torch.cuda.get_device_capability()) if device == "cuda" else None,
+        "cusparselt_version": torch.backends.cusparselt.version() if cusparselt_available() else None,
+        "backends": list(compressors), "backend_probes": {k: v or "ok" for k, v in probes.items()},
+        "runtime_backend": runtime_backend,
+        "torch_default_backend": "cutlass" if getattr(torch.sparse.SparseSemiStructuredTensor, "_FORCE_CUTLASS",
+                                                      True) else "cusparselt",
         "shapes_in_out": {name: list(shape) for name, shape in shapes.items()}, "rows": rows,
     }
     with open(args.out, "w") as f:

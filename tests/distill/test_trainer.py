@@ -179,6 +179,20 @@ def test_schedule_and_batches_depend_only_on_the_step():
     assert ((window[:, 1:] - window[:, :-1]) == 1).all()  # contiguous windows of the text
 
 
+def test_a_deadline_bounds_the_time_budget(monkeypatch):
+    from quantkit.distill import trainer
+
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: 1000.0)
+    c = DistillConfig(max_steps=None, max_minutes=10)
+    state = trainer._State(step=10, train_seconds=20.0)
+    times = [5.0] + [2.0] * 9  # the first step (warm-up) is left out of the estimate
+    assert trainer._size_run(state, c, times) == 10 + (600 - 20) // 2
+    assert trainer._size_run(state, c, times, deadline=1100.0) == 10 + 100 // 2  # the deadline ends first
+    assert trainer._size_run(state, c, times, deadline=990.0) == 10  # already past it: no more steps
+    assert not trainer._finished(state, c, deadline=1000.5)
+    assert trainer._finished(state, c, deadline=1000.0)
+
+
 def test_cli_distill_prints_the_report_as_json(models, tmp_path, run_cli):
     done = run_cli("distill", "--teacher", models / "teacher", "--student", models / "student", "-o", tmp_path / "o",
                    "--dataset", models / "train.txt", "--seq-len", "32", "--batch-size", "2", "--max-steps", "1",
