@@ -4,8 +4,8 @@ Weights come from quantkit's own loader, so every layout it reads (fp16/bf16, GP
 compressed-tensors) arrives as either ``nn.Linear`` or a ``DequantLinear`` whose ``unpacked()``
 view is repacked once for the kernels (``quantkit.kernels.pack_quantized_weight``). Linears that
 read the same input (q/k/v, gate/up) are fused into one wider layer when their formats agree.
-Dense weights that are 2:4 sparse run on PyTorch's semi-structured sparse kernels on a GPU
-(``runtime/sparse_linear.py``).
+Dense weights that are 2:4 sparse run on PyTorch's semi-structured sparse kernels on a GPU when
+``QUANTKIT_SPARSE_24=1`` (off by default: slower than dense where measured; ``runtime/sparse_linear.py``).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def runtime_linears(modules: list[nn.Module], dtype: torch.dtype, device: torch.
         [b if b is not None else torch.zeros(_out(m), dtype=dtype, device=device) for b, m in zip(biases, modules)])
     if all(isinstance(m, nn.Linear) for m in modules):
         weight = torch.cat([m.weight.detach().to(device, dtype) for m in modules])
-        sparse = semi_structured_weight(weight)  # 2:4 weights on a GPU: the sparse kernels
+        sparse = semi_structured_weight(weight)  # 2:4 weights on a GPU, QUANTKIT_SPARSE_24=1: the sparse kernels
         return RuntimeLinear(bias=bias, **({"sparse": sparse} if sparse is not None else {"weight": weight}))
     if all(isinstance(m, W8A8Linear) for m in modules):
         kinds = {(m.type, m.activations) for m in modules}

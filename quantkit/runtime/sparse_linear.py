@@ -28,8 +28,20 @@ padded with zero rows up to the backend's multiple (the extra outputs are sliced
 width that is not a multiple keeps the layer dense, since padding the activations on every call
 would cost more than the sparse kernel saves. The token count needs nothing: PyTorch pads it. The
 pattern is read from the weights themselves: a checkpoint whose config says 2:4 has it, and any
-other weight that happens to follow it computes identically either way. ``QUANTKIT_SPARSE_24=0``
-turns the sparse path off (for example to compare speeds in one process).
+other weight that happens to follow it computes identically either way.
+
+**Off by default; ``QUANTKIT_SPARSE_24=1`` turns it on.** Measured on an H100 (torch 2.11+cu130,
+cuSPARSELt, bf16, Llama-3-8B linear shapes; ``scripts/results/sparse_linear_h100.json``), the 2:4
+linear is slower than the dense one almost everywhere the runtime would call it: 0.25-0.61x the
+dense speed at 1-64 tokens in CUDA graphs (the runtime's decode steps), 0.37-1.38x at 256 tokens,
+0.59-1.12x at 1,024, 0.96-1.21x at 4,096 and 1.02-1.12x at 16,384. Called eagerly (the runtime's
+prefill), a sparse call took at least 0.66 ms whatever the token count (the dense one 21-59 us up
+to 256 tokens), so it was 0.03-0.84x dense up to 4,096 tokens, and only the MLP linears gained at
+16,384 tokens (1.05-1.16x). Dispatching by token count would keep the dense weight beside the
+compressed one (about 1.56x the weight memory) for at most 16% on a few prefill linears, so the
+runtime does not: the default is the dense weight, and the switch is for a user who wants the memory
+(a compressed weight is about 0.56x the dense bytes) and accepts slower steps. ``QUANTKIT_SPARSE_24``
+takes 1 / on / true / yes or 0 / off / false / no; anything else raises.
 """
 
 from __future__ import annotations
@@ -71,8 +83,19 @@ class SemiStructuredWeight:
         return torch.Size((self.out_features, self.tensor.shape[1]))
 
 
+ENV_ON = ("1", "on", "true", "yes")
+ENV_OFF = ("", "0", "off", "false", "no")
+
+
 def sparse_24_enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "off", "no")
+    """``QUANTKIT_SPARSE_24``: off unless set to 1 (or on / true / yes); the measured 2:4 kernels are
+    slower than dense at decode sizes (see the module's docstring)."""
+    value = os.environ.get(ENV_SWITCH, "0").strip().lower()
+    if value in ENV_ON:
+        return True
+    if value in ENV_OFF:
+        return False
+    raise ValueError(f"{ENV_SWITCH}={value!r} is not one of {', '.join(ENV_ON + ENV_OFF[1:])}")
 
 
 def cusparselt_available() -> bool:
@@ -151,7 +174,7 @@ def probe_errors(device: torch.device | str, dtype: torch.dtype) -> dict[str, st
 def semi_structured_unsupported(weight: torch.Tensor) -> str | None:
     """Why ``weight`` (out, in) cannot run on the 2:4 kernels here, or None when it can."""
     if not sparse_24_enabled():
-        return f"{ENV_SWITCH} is off"
+        return f"{ENV_SWITCH} is off (the default: set it to 1 for the 2:4 kernels)"
     if weight.device.type != "cuda":
         return "not on a CUDA device"
     if weight.dtype not in HALF_DTYPES:

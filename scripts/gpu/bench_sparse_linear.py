@@ -6,7 +6,8 @@ For each linear shape (in, out) and each number of tokens M, a random bf16 weigh
 * dense: ``F.linear`` with the pruned weight stored dense (what engines load today);
 * sparse: ``F.linear`` with the weight compressed by PyTorch's semi-structured sparse tensors, on
   each backend that works on this GPU (CUTLASS, cuSPARSELt) -- the path quantkit's runtime takes
-  for 2:4 checkpoints (``quantkit/runtime/sparse_linear.py``). Every backend is first probed with
+  for 2:4 checkpoints with ``QUANTKIT_SPARSE_24=1`` (``quantkit/runtime/sparse_linear.py``; off by
+  default, since this benchmark measured it slower than dense at decode sizes on an H100). Every backend is first probed with
   the runtime's own check (a small 2:4 linear against the dense product); one that fails (CUTLASS
   on Hopper: its kernels are built for compute capability 8.x) is reported with its error and not
   timed. The JSON says which backend the runtime uses here (``runtime_backend``).

@@ -42,7 +42,7 @@ def linear_2of4(out_features=128, in_features=256, seed=0, dtype=torch.float32, 
     return layer.to(device, dtype)
 
 
-def test_cpu_keeps_the_dense_weight_and_computes_the_same():
+def test_cpu_keeps_the_dense_weight_and_computes_the_same(sparse_on):
     layers = [linear_2of4(seed=0), linear_2of4(seed=1)]
     fused = runtime_linears(layers, torch.float32, torch.device("cpu"))
     assert fused.sparse is None and fused.weight is not None and fused.out_features == 256
@@ -51,10 +51,32 @@ def test_cpu_keeps_the_dense_weight_and_computes_the_same():
     torch.testing.assert_close(fused(x), torch.cat([layer(x) for layer in layers], -1))
 
 
+@pytest.fixture
+def sparse_on(monkeypatch):
+    """The 2:4 kernels switched on (they are off by default: slower than dense where measured)."""
+    monkeypatch.setenv(ENV_SWITCH, "1")
+
+
+def test_the_switch_is_off_by_default_and_strict(monkeypatch):
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    assert not sl.sparse_24_enabled()
+    for value, want in (("1", True), ("on", True), (" TRUE ", True), ("yes", True),
+                        ("0", False), ("off", False), ("false", False), ("no", False), ("", False)):
+        monkeypatch.setenv(ENV_SWITCH, value)
+        assert sl.sparse_24_enabled() is want, value
+    monkeypatch.setenv(ENV_SWITCH, "auto")
+    with pytest.raises(ValueError, match=f"{ENV_SWITCH}='auto' is not one of"):
+        sl.sparse_24_enabled()
+
+
 def test_the_switch_and_the_pattern_check(monkeypatch):
     weight = linear_2of4().weight.detach()
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    assert semi_structured_unsupported(weight).startswith(f"{ENV_SWITCH} is off (the default")
     monkeypatch.setenv(ENV_SWITCH, "0")
-    assert semi_structured_unsupported(weight) == f"{ENV_SWITCH} is off"
+    assert semi_structured_unsupported(weight).startswith(f"{ENV_SWITCH} is off")
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    assert semi_structured_unsupported(weight) == "not on a CUDA device"
     dense = torch.randn(64, 32)
     assert _is_2of4(weight, rows_per_chunk=16) and follows_nm(weight, 2, 4)
     assert not _is_2of4(dense, rows_per_chunk=16)
@@ -188,12 +210,50 @@ def test_the_input_width_must_be_a_multiple_of_the_chosen_backend(monkeypatch):
         def split(self, rows):
             return weight.split(rows)
 
+    monkeypatch.setenv(ENV_SWITCH, "1")
     assert semi_structured_unsupported(CudaLooking()) == "input width 96 is not a multiple of 64 (fake)"
+
+
+def cuda_looking(weight):
+    """``weight`` (a CPU tensor) as the dispatch sees a CUDA one: device, dtype, dim, shape, rows."""
+
+    class CudaLooking:
+        device, dtype, shape = torch.device("cuda", 0), weight.dtype, weight.shape
+
+        def dim(self):
+            return weight.dim()
+
+        def split(self, rows):
+            return weight.split(rows)
+
+    return CudaLooking()
+
+
+def test_a_gpu_keeps_2of4_weights_dense_unless_switched_on(monkeypatch):
+    """On a (faked) Hopper GPU with a working backend a 2:4 weight stays dense by default -- no probe,
+    no compression -- and takes the sparse kernels only with the switch on."""
+    probed = fake_gpu(monkeypatch, (9, 0), True)
+    monkeypatch.setattr(sl, "HALF_DTYPES", (torch.float32,))
+    monkeypatch.setattr(sl, "backend_class", lambda name: FakeBackend)
+    weight = linear_2of4(out_features=64, in_features=128).weight.detach()
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    assert semi_structured_unsupported(cuda_looking(weight)).startswith(f"{ENV_SWITCH} is off")
+    FakeBackend.compressed.clear()
+    assert semi_structured_weight(cuda_looking(weight)) is None
+    assert probed == [] and FakeBackend.compressed == []
+    monkeypatch.setenv(ENV_SWITCH, "1")
+    assert semi_structured_unsupported(cuda_looking(weight)) is None
+    assert probed == [("cusparselt", "cuda:0", torch.float32)]
+    monkeypatch.setattr(sl, "semi_structured_unsupported", lambda w: None)  # compress the real CPU tensor
+    packed = semi_structured_weight(weight)
+    assert packed is not None and packed.backend == "cusparselt" and FakeBackend.compressed == [(64, 128)]
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(RuntimeLinear(sparse=packed)(x), x @ weight.T)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_gpu_runs_2of4_weights_on_the_sparse_kernels(dtype):
+def test_gpu_runs_2of4_weights_on_the_sparse_kernels(dtype, sparse_on):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("no sparse tensor cores")
     layers = [linear_2of4(512, 1024, seed=s, dtype=dtype, device="cuda") for s in (0, 1)]
@@ -212,7 +272,17 @@ def test_gpu_runs_2of4_weights_on_the_sparse_kernels(dtype):
 
 
 @pytest.mark.gpu
-def test_gpu_sparse_linear_replays_in_a_cuda_graph():
+def test_gpu_keeps_2of4_weights_dense_by_default(monkeypatch):
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    layer = linear_2of4(512, 1024, dtype=torch.bfloat16, device="cuda")
+    fused = runtime_linears([layer], torch.bfloat16, torch.device("cuda"))
+    assert fused.sparse is None and fused.weight is not None
+    x = torch.randn(7, 1024, device="cuda", dtype=torch.bfloat16)
+    torch.testing.assert_close(fused(x), layer(x))
+
+
+@pytest.mark.gpu
+def test_gpu_sparse_linear_replays_in_a_cuda_graph(sparse_on):
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("no sparse tensor cores")
     fused = runtime_linears([linear_2of4(512, 1024, dtype=torch.float16, device="cuda")], torch.float16,
@@ -235,7 +305,7 @@ def test_gpu_sparse_linear_replays_in_a_cuda_graph():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_features", [1024, 1000])  # 1000: rows padded to the backend's multiple
-def test_gpu_chosen_backend_matches_the_dense_linear_in_bf16(out_features):
+def test_gpu_chosen_backend_matches_the_dense_linear_in_bf16(out_features, sparse_on):
     capability = torch.cuda.get_device_capability()
     if capability < (8, 0):
         pytest.skip("no sparse tensor cores")
