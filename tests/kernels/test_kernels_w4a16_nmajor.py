@@ -2,7 +2,13 @@
 
 import pytest
 import torch
-from kernel_cases import BF16_DOT, assert_close_scaled, needs_triton, quantized_case, triton_device
+from kernel_cases import (
+    BF16_DOT,
+    assert_close_scaled,
+    needs_triton,
+    quantized_case,
+    triton_device,
+)
 
 from quantkit.kernels.packed_weight import quantized_linear_reference
 from quantkit.kernels.w4a16_nmajor_triton import linear_nmajor, nmajor_supported
