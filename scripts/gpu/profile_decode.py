@@ -24,7 +24,13 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runtime import LLAMA3_8B, TINY, in_memory, quantize_w4a16_in_place, random_model
+from bench_runtime import (
+    LLAMA3_8B,
+    TINY,
+    in_memory,
+    quantize_w4a16_in_place,
+    random_model,
+)
 
 from quantkit.eval.latency import close_engine, open_engine
 from quantkit.runtime.sampling_params import SamplingParams
@@ -58,7 +64,7 @@ def main() -> None:
     label = "w4a16" if args.w4a16 else "bf16"
     engine = open_engine(in_memory(model, label), device=device, dtype="auto", kv_cache_tokens=8192)
     rng = np.random.default_rng(0)
-    prompt = lambda: rng.integers(0, shape["vocab_size"], args.input_len).tolist()  # noqa: E731
+    prompt = lambda: rng.integers(0, shape["vocab_size"], args.input_len).tolist()
     try:
         run_request(engine, prompt(), args.output_len)  # warm-up: compiles kernels, captures graphs
         if device == "cuda":
