@@ -6,14 +6,27 @@ AWQ's input statistics (``ActivationStats``: ``Σ xᵀx``, ``Σ |x|``, the count
 one all-reduce (sum) gives every rank the statistics of all the samples, and every rank then
 computes the same quantized weights. Launch with ``torchrun`` (NCCL on GPUs) or, on the CPU,
 with the gloo backend; a process group must be initialised before ``quantize_model`` runs.
+
+``launch`` does that for ``quantkit quantize`` (``compress``): under ``torchrun`` or ``accelerate
+launch`` (``WORLD_SIZE`` > 1 in the environment) it joins the process group — NCCL when the
+working layer is on a GPU, which is then ``cuda:LOCAL_RANK``, gloo on the CPU — and says which
+rank writes the output (rank 0; the others wait for it at a barrier).
 """
 
 from __future__ import annotations
 
+import os
+import signal
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from quantkit.errors import QuantkitError
+
+TIMEOUT_ENV = "QUANTKIT_DIST_TIMEOUT_S"  # how long a rank waits for the others (collectives, the final barrier)
+DEFAULT_TIMEOUT_S = 3600  # rank 0 writing a 70B checkpoint while the others wait can take minutes
 
 
 @dataclass(frozen=True)
@@ -35,8 +48,127 @@ class DataParallel:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Maximum of ``tensor`` over ranks in place."""
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
 
 def shard_samples(samples: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank ``rank``'s share of the calibration samples: one contiguous block each, so with a
     batch size dividing the block the ranks' batches are exactly the single process's batches."""
     return samples.tensor_split(world_size)[rank]
+
+
+@dataclass
+class Launch:
+    """Where this process stands in a ``torchrun`` launch (or alone: rank 0 of 1)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"  # the working layer's device: cuda:LOCAL_RANK under torchrun with --device cuda
+    group: DataParallel | None = None  # None when alone
+    owns_group: bool = False  # this launch initialised the process group (and ends it)
+
+    @property
+    def is_main(self) -> bool:
+        """The rank that writes the checkpoint and prints the report."""
+        return self.rank == 0
+
+    def shard(self, samples: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the (same, deterministic) sample list every rank loaded."""
+        if self.group is None:
+            return samples
+        if samples.shape[0] < self.world_size:
+            raise QuantkitError(f"{samples.shape[0]} calibration samples cannot be shared by {self.world_size} ranks: "
+                                f"use at least {self.world_size} (--num-samples)")
+        return shard_samples(samples, self.rank, self.world_size)
+
+    def wait_for_main(self) -> None:
+        """Every rank waits here until rank 0 has written the output."""
+        if self.group is not None:
+            _barrier(self.device)
+
+    def close(self) -> None:
+        """End the process group this launch started (after a successful run; on an error the
+        process exits and the launcher ends the other ranks)."""
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def launch(device: str = "cpu") -> Launch:
+    """Join the ranks of a ``torchrun`` / ``accelerate launch`` job, if this is one.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (and, to meet, ``MASTER_ADDR``/``MASTER_PORT``)
+    from the environment. A ``cuda`` device becomes ``cuda:LOCAL_RANK``, and the backend NCCL; the
+    CPU uses gloo. A process group that is already initialised (a caller's own) is used as it is.
+    Alone (no ``WORLD_SIZE`` or 1), nothing happens.
+    """
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = _env_int("LOCAL_RANK", rank)
+        return Launch(rank, world, local, _rank_device(device, local, world), DataParallel.current())
+    world = _env_int("WORLD_SIZE", 1)
+    if world <= 1:
+        return Launch(device=device)
+    if not dist.is_available():
+        raise QuantkitError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    rank = _env_int("RANK", 0)
+    local = _env_int("LOCAL_RANK", rank)
+    device = _rank_device(device, local, world)
+    target = torch.device(device)
+    options = {"timeout": timedelta(seconds=_env_int(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))}
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QuantkitError(f"device '{device}' was asked for but no CUDA GPU is available")
+        if target.index >= torch.cuda.device_count():
+            raise QuantkitError(f"rank {rank} has LOCAL_RANK {local} but this host shows only "
+                                f"{torch.cuda.device_count()} GPU(s): launch at most that many processes per node")
+        torch.cuda.set_device(target)
+        options["device_id"] = target
+    dist.init_process_group("nccl" if target.type == "cuda" else "gloo", rank=rank, world_size=world, **options)
+    _exit_cleanly_on_sigterm()
+    return Launch(rank, world, local, device, DataParallel(rank, world), owns_group=True)
+
+
+def _rank_device(device: str, local_rank: int, world: int) -> str:
+    """``cuda`` (or any ``cuda:N``, since every rank got the same option) is this rank's GPU."""
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        return device  # the caller's device check names the mistake
+    if target.type == "cuda" and world > 1:
+        return f"cuda:{local_rank}"
+    return device
+
+
+def _barrier(device: str) -> None:
+    target = torch.device(device)
+    if target.type == "cuda" and dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[target.index])
+    else:
+        dist.barrier()
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """torchrun ends the other ranks with SIGTERM when one fails: turn it into SystemExit so
+    ``finally`` blocks run (a half-written temporary output folder is removed)."""
+    def handler(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        pass  # not the main thread
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    if value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise QuantkitError(f"environment variable {name}={value!r} is not an integer") from None
