@@ -58,25 +58,26 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
     if not ranks.is_main:
         on_start = on_layer = None
     started = time.perf_counter()
-    loaded = _load(model)
-    check_recipe_fits(loaded.model, loaded.adapter, recipe)
-    samples = _calibration_samples(loaded, recipe) if recipe.needs_calibration else None
-    tokens = 0 if samples is None else samples.numel()
-    if samples is not None:
-        samples = ranks.shard(samples)
-    num_layers = len(loaded.adapter.decoder_layers(loaded.model))
-    if on_start is not None:
-        on_start(num_layers)
-    result = quantize_model(loaded.model, loaded.adapter, recipe, device=device, samples=samples,
-                            batch_size=batch_size, offload_activations=offload_activations, on_layer=on_layer,
-                            data_parallel=ranks.group)
-    sparsity = _record_sparsity(loaded, recipe)
-    if ranks.is_main:
-        if sparsity is not None:
-            _save_pruned(recipe, loaded, result, output, overwrite)
-        else:
-            _save(recipe, loaded, result, output, overwrite)
-    ranks.wait_for_main()
+    with ranks.running():
+        loaded = _load(model)
+        check_recipe_fits(loaded.model, loaded.adapter, recipe)
+        samples = _calibration_samples(loaded, recipe) if recipe.needs_calibration else None
+        tokens = 0 if samples is None else samples.numel()
+        if samples is not None:
+            samples = ranks.shard(samples)
+        num_layers = len(loaded.adapter.decoder_layers(loaded.model))
+        if on_start is not None:
+            on_start(num_layers)
+        result = quantize_model(loaded.model, loaded.adapter, recipe, device=device, samples=samples,
+                                batch_size=batch_size, offload_activations=offload_activations, on_layer=on_layer,
+                                data_parallel=ranks.group)
+        sparsity = _record_sparsity(loaded, recipe)
+        if ranks.is_main:
+            if sparsity is not None:
+                _save_pruned(recipe, loaded, result, output, overwrite)
+            else:
+                _save(recipe, loaded, result, output, overwrite)
+        ranks.wait_for_main()
     ranks.close()
     return CompressResult(output=output, model_path=loaded.path, recipe=recipe, pipeline=result,
                           seconds=time.perf_counter() - started, num_layers=num_layers, calibration_tokens=tokens,

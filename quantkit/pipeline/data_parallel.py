@@ -16,7 +16,10 @@ rank writes the output (rank 0; the others wait for it at a barrier).
 from __future__ import annotations
 
 import os
+import re
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -90,6 +93,26 @@ class Launch:
         if self.group is not None:
             _barrier(self.device)
 
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        """The ranks' work. torchrun ends the other ranks with SIGTERM when one fails: inside,
+        SIGTERM becomes ``SystemExit`` so ``finally`` blocks run (a temporary output folder is
+        removed); a collective broken by a rank that stopped becomes one line naming this rank."""
+        if not self.owns_group:
+            yield
+            return
+        previous = _exit_on_sigterm()
+        try:
+            yield
+        except Exception as error:
+            if _is_peer_failure(error):
+                raise QuantkitError(f"rank {self.rank} lost contact with the other ranks: one of them stopped "
+                                    f"(its message says why) [{_first_line(error)}]") from error
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
     def close(self) -> None:
         """End the process group this launch started (after a successful run; on an error the
         process exits and the launcher ends the other ranks)."""
@@ -129,7 +152,6 @@ def launch(device: str = "cpu") -> Launch:
         torch.cuda.set_device(target)
         options["device_id"] = target
     dist.init_process_group("nccl" if target.type == "cuda" else "gloo", rank=rank, world_size=world, **options)
-    _exit_cleanly_on_sigterm()
     return Launch(rank, world, local, device, DataParallel(rank, world), owns_group=True)
 
 
@@ -152,16 +174,31 @@ def _barrier(device: str) -> None:
         dist.barrier()
 
 
-def _exit_cleanly_on_sigterm() -> None:
-    """torchrun ends the other ranks with SIGTERM when one fails: turn it into SystemExit so
-    ``finally`` blocks run (a half-written temporary output folder is removed)."""
+def _exit_on_sigterm():
+    """Install a SIGTERM handler raising ``SystemExit``; return the previous one (None: not installed)."""
     def handler(signum, _frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process outright
         raise SystemExit(128 + signum)
 
     try:
-        signal.signal(signal.SIGTERM, handler)
+        return signal.signal(signal.SIGTERM, handler)
     except ValueError:
-        pass  # not the main thread
+        return None  # not the main thread
+
+
+def _is_peer_failure(error: BaseException) -> bool:
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+                                  "NCCL communicator was aborted", "ProcessGroupNCCL"))
+
+
+def _first_line(error: BaseException) -> str:
+    """The gist of a backend's error: the line naming the broken connection, without its source location."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = next((line for line in lines if any(k in line for k in ("closed", "reset", "NCCL"))), lines[0] if lines else "")
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's "[.../pair.cc:553]"
+    return text.split(". ")[0][:160]
 
 
 def _env_int(name: str, default: int) -> int:
