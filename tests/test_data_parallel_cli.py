@@ -93,3 +93,18 @@ def test_a_failing_rank_ends_every_rank_and_writes_nothing(tmp_path):
     assert "[rank 1] internal error: RuntimeError: injected failure on rank 1" in stderr
     assert "[rank 0] error: rank 0 lost contact with the other ranks" in stderr
     assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor a temporary folder
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_multi_gpu_benchmark_dry_run_on_the_cpu(tmp_path):
+    script = ROOT / "scripts" / "gpu" / "bench_quantize_multi_gpu.py"
+    run = subprocess.run([sys.executable, str(script), "--tiny", "--gpus", "1,2", "--layers", "2", "--samples", "8",
+                          "--seq-len", "32", "--check", "--json", str(tmp_path / "bench.json")], env=_env(),
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    figures = json.loads((tmp_path / "bench.json").read_text())
+    assert [figures[n]["gpus"] for n in ("1", "2")] == [1, 2] and figures["2"]["backend"] == "gloo"
+    assert figures["1"]["fingerprints"] == figures["2"]["fingerprints"]  # two ranks quantize as one
+    assert "extrapolated_4_layers_seconds" in figures["2"]
+    assert "| 2 |" in run.stdout and "14 of 14" in run.stdout and "EXTRAPOLATED" in run.stdout
