@@ -56,6 +56,25 @@ class DataParallel:
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
+    def row_bounds(self, rows: int) -> list[tuple[int, int]]:
+        """Each rank's contiguous block of ``rows`` rows (sizes differ by at most one)."""
+        sizes = [len(part) for part in torch.arange(rows).tensor_split(self.world_size)]
+        starts = [sum(sizes[:r]) for r in range(self.world_size)]
+        return [(start, start + size) for start, size in zip(starts, sizes)]
+
+    def gather_rows(self, part: torch.Tensor, rows: int) -> torch.Tensor:
+        """Every rank's block of rows (``row_bounds(rows)``) joined in rank order, on every rank:
+        one broadcast per rank, so the blocks may differ in size on any backend."""
+        pieces = []
+        for src, (start, end) in enumerate(self.row_bounds(rows)):
+            if src == self.rank:
+                piece = part.contiguous()
+            else:
+                piece = torch.empty((end - start, *part.shape[1:]), dtype=part.dtype, device=part.device)
+            dist.broadcast(piece, src)
+            pieces.append(piece)
+        return torch.cat(pieces)
+
 
 def shard_samples(samples: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank ``rank``'s share of the calibration samples: one contiguous block each, so with a
