@@ -58,9 +58,9 @@ class DataParallel:
 
     def row_bounds(self, rows: int) -> list[tuple[int, int]]:
         """Each rank's contiguous block of ``rows`` rows (sizes differ by at most one)."""
-        sizes = [len(part) for part in torch.arange(rows).tensor_split(self.world_size)]
-        starts = [sum(sizes[:r]) for r in range(self.world_size)]
-        return [(start, start + size) for start, size in zip(starts, sizes)]
+        base, extra = divmod(rows, self.world_size)  # the first ``extra`` ranks take one more, as tensor_split
+        starts = [r * base + min(r, extra) for r in range(self.world_size + 1)]
+        return list(zip(starts, starts[1:]))
 
     def gather_rows(self, part: torch.Tensor, rows: int) -> torch.Tensor:
         """Every rank's block of rows (``row_bounds(rows)``) joined in rank order, on every rank:
@@ -120,7 +120,7 @@ class Launch:
         if not self.owns_group:
             yield
             return
-        previous = _exit_on_sigterm()
+        installed, previous = _exit_on_sigterm()
         try:
             yield
         except Exception as error:
@@ -129,8 +129,8 @@ class Launch:
                                     f"(its message says why) [{_first_line(error)}]") from error
             raise
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            if installed:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     def close(self) -> None:
         """End the process group this launch started (after a successful run; on an error the
@@ -194,15 +194,15 @@ def _barrier(device: str) -> None:
 
 
 def _exit_on_sigterm():
-    """Install a SIGTERM handler raising ``SystemExit``; return the previous one (None: not installed)."""
+    """Install a SIGTERM handler raising ``SystemExit``: (whether it was installed, the previous one)."""
     def handler(signum, _frame):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process outright
         raise SystemExit(128 + signum)
 
     try:
-        return signal.signal(signal.SIGTERM, handler)
+        return True, signal.signal(signal.SIGTERM, handler)
     except ValueError:
-        return None  # not the main thread
+        return False, None  # not the main thread
 
 
 def _is_peer_failure(error: BaseException) -> bool:
