@@ -3,8 +3,8 @@ fails in the middle of layer 1 (while rank 0 waits for it in an all-reduce)."""
 
 import os
 
-import quantkit.pipeline.gptq_step as gptq_step
 from quantkit.cli import main
+from quantkit.pipeline import gptq_step
 
 _quantize_layer = gptq_step.quantize_layer_gptq
 

@@ -7,9 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from test_pipeline import calibration, tiny_llama
 
-import quantkit.pipeline.gptq_step as gptq_step
 from quantkit.models.adapters import get_adapter
-from quantkit.pipeline import quantize_model
+from quantkit.pipeline import gptq_step, quantize_model
 from quantkit.pipeline.data_parallel import DataParallel, shard_samples
 from quantkit.quant.hessian import HessianAccumulator
 from quantkit.recipe import weight_quant_recipe

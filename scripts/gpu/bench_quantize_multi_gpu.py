@@ -115,9 +115,8 @@ class _Tally(dict):
 
 
 def worker(args) -> None:
-    import quantkit.pipeline.driver as driver
     from quantkit.models.adapters import get_adapter
-    from quantkit.pipeline import quantize_model
+    from quantkit.pipeline import driver, quantize_model
     from quantkit.pipeline.data_parallel import launch
     from quantkit.recipe import weight_quant_recipe
 
