@@ -89,7 +89,9 @@ def quantize(
                                    ignore=tuple(ignore) if ignore else ("lm_head",), fmt=fmt, options=options,
                                    calibration=calibration)
     result = _run_compress(model, plan, output, overwrite, device, batch_size, offload_activations,
-                           show_progress=not as_json)
+                           show_progress=not as_json and _launch_rank() == 0)
+    if result.rank != 0:
+        return  # under torchrun rank 0 wrote the checkpoint and reports it
     layers = result.pipeline.layers
     summary = {
         "model": result.model_path, "output": str(result.output), "recipe": plan.to_dict(),
@@ -97,7 +99,7 @@ def quantize(
         "seconds": round(result.seconds, 3), "calibration_tokens": result.calibration_tokens,
         "max_relative_weight_error": max((r.max_error for r in layers), default=0.0),
         "layer_output_errors": [r.output_error for r in layers] if plan.needs_calibration else None,
-        "peak_device_bytes": result.pipeline.peak_device_bytes,
+        "peak_device_bytes": result.pipeline.peak_device_bytes, "ranks": result.world_size,
     }
     if result.sparsity is not None:
         summary["sparsity"] = result.sparsity.to_dict()
@@ -459,7 +461,17 @@ def _quiet_libraries() -> None:
         hf_logging.set_verbosity_error()
 
 
+def _launch_rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when alone)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
 def _fail(error: BaseException, message: str, code: int = 2) -> None:
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "1"):
+        message = f"[rank {_launch_rank()}] {message}"  # the launcher ends the other ranks
     if _state["debug"]:
         console.print_exception()
     else:

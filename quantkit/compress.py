@@ -27,8 +27,10 @@ class CompressResult:
     pipeline: PipelineResult
     seconds: float
     num_layers: int
-    calibration_tokens: int
+    calibration_tokens: int  # over all ranks
     sparsity: SparsityReport | None = None  # per-linear zeros, when a step prunes
+    rank: int = 0  # this process's rank under torchrun; only rank 0 wrote the output
+    world_size: int = 1
 
 
 def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite: bool = False,
@@ -39,34 +41,57 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
 
     The output folder is checked before any work starts and written atomically at the end, so a
     failure leaves nothing behind. ``on_start`` receives the number of decoder layers.
+
+    Under ``torchrun`` / ``accelerate launch`` (``pipeline/data_parallel.py``) every rank loads the
+    model and the same calibration samples, keeps its contiguous share of the samples, and the
+    statistics are reduced over the ranks before any method acts, so every rank computes the
+    weights one process would; rank 0 alone writes the output (and calls ``on_start`` /
+    ``on_layer``) while the others wait for it.
     """
-    from quantkit.models.loading import load_model
+    from quantkit.pipeline.data_parallel import launch as join_ranks
 
     output = Path(output)
     check_output_dir(output, overwrite)
     _check_device(device)
+    ranks = join_ranks(device)
+    device = ranks.device
+    if not ranks.is_main:
+        on_start = on_layer = None
     started = time.perf_counter()
+    with ranks.running():
+        loaded = _load(model)
+        check_recipe_fits(loaded.model, loaded.adapter, recipe)
+        samples = _calibration_samples(loaded, recipe) if recipe.needs_calibration else None
+        tokens = 0 if samples is None else samples.numel()
+        if samples is not None:
+            samples = ranks.shard(samples)
+        num_layers = len(loaded.adapter.decoder_layers(loaded.model))
+        if on_start is not None:
+            on_start(num_layers)
+        result = quantize_model(loaded.model, loaded.adapter, recipe, device=device, samples=samples,
+                                batch_size=batch_size, offload_activations=offload_activations, on_layer=on_layer,
+                                data_parallel=ranks.group)
+        sparsity = _record_sparsity(loaded, recipe)
+        if ranks.is_main:
+            if sparsity is not None:
+                _save_pruned(recipe, loaded, result, output, overwrite)
+            else:
+                _save(recipe, loaded, result, output, overwrite)
+        ranks.wait_for_main()
+    ranks.close()
+    return CompressResult(output=output, model_path=loaded.path, recipe=recipe, pipeline=result,
+                          seconds=time.perf_counter() - started, num_layers=num_layers, calibration_tokens=tokens,
+                          sparsity=sparsity, rank=ranks.rank, world_size=ranks.world_size)
+
+
+def _load(model: str | None):
+    from quantkit.models.loading import load_model
+
     loaded = load_model(model, dtype="auto", device="cpu")
     if loaded.quantization_config is not None:
         method = loaded.quantization_config.get("quant_method", "?")
         raise QuantkitError(f"'{loaded.path}' is already quantized ({method}); start from a float checkpoint")
-    check_recipe_fits(loaded.model, loaded.adapter, recipe)
-    samples = _calibration_samples(loaded, recipe) if recipe.needs_calibration else None
-    num_layers = len(loaded.adapter.decoder_layers(loaded.model))
-    if on_start is not None:
-        on_start(num_layers)
-    result = quantize_model(loaded.model, loaded.adapter, recipe, device=device, samples=samples,
-                            batch_size=batch_size, offload_activations=offload_activations, on_layer=on_layer)
-    sparsity = _record_sparsity(loaded, recipe)
-    if sparsity is not None:
-        _save_pruned(recipe, loaded, result, output, overwrite)
-        return CompressResult(output=output, model_path=loaded.path, recipe=recipe, pipeline=result,
-                              seconds=time.perf_counter() - started, num_layers=num_layers,
-                              calibration_tokens=0 if samples is None else samples.numel(), sparsity=sparsity)
-    _save(recipe, loaded, result, output, overwrite)
-    return CompressResult(output=output, model_path=loaded.path, recipe=recipe, pipeline=result,
-                          seconds=time.perf_counter() - started, num_layers=num_layers,
-                          calibration_tokens=0 if samples is None else samples.numel(), sparsity=sparsity)
+    return loaded
 
 
 def _save_pruned(recipe: Recipe, loaded, result: PipelineResult, output: Path, overwrite: bool) -> None:

@@ -8,16 +8,17 @@ import torch.multiprocessing as mp
 from test_pipeline import calibration, tiny_llama
 
 from quantkit.models.adapters import get_adapter
-from quantkit.pipeline import quantize_model
+from quantkit.pipeline import gptq_step, quantize_model
 from quantkit.pipeline.data_parallel import DataParallel, shard_samples
 from quantkit.quant.hessian import HessianAccumulator
 from quantkit.recipe import weight_quant_recipe
 
 WORLD = 2
-RECIPES = {"gptq": {}, "awq": {}}
+RECIPES = {"gptq": {}, "awq": {}, "gptq-split": {}}  # gptq-split: each rank solves half of every linear's rows
 
 
 def _recipe(method):
+    method = method.removesuffix("-split")
     return weight_quant_recipe("w4a16", group_size=32, method=method, symmetric=method != "awq")
 
 
@@ -33,6 +34,7 @@ def _worker(rank, rendezvous, out_dir):
         accumulator.all_reduce(group)
         results = {"hessian": accumulator.hessian, "tokens": accumulator.num_tokens}
         for method in RECIPES:
+            gptq_step.SPLIT_SOLVE_MIN_ROWS_PER_RANK = 1 if method.endswith("-split") else None
             model = tiny_llama()
             result = quantize_model(model, get_adapter(model), _recipe(method), samples=samples, batch_size=4,
                                     data_parallel=group)
@@ -57,12 +59,13 @@ def test_two_ranks_equal_one_process(tmp_path):
     torch.set_num_threads(1)  # as the ranks: the same GEMM kernels, so the same rounding
     try:
         alone = {}
-        for method in RECIPES:
+        for method in ("gptq", "awq"):
             model = tiny_llama()
             alone[method] = quantize_model(model, get_adapter(model), _recipe(method), samples=calibration(16, 64),
                                            batch_size=4).quantized
     finally:
         torch.set_num_threads(threads)
+    alone["gptq-split"] = alone["gptq"]
     for method in RECIPES:
         for name, qweight in alone[method].items():
             for got in ranks:

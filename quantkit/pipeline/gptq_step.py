@@ -7,14 +7,26 @@ already quantized, so later layers learn to compensate for earlier rounding. Wit
 collects every group's Hessian from the float layer. Each pass stops once its group has seen its
 input, and replays the outputs of finished groups (``pipeline/replay.py``), so the extra passes
 cost far less than whole forward passes.
+
+Under data parallelism every rank holds the same all-reduced Hessian, and GPTQ treats the rows
+(output channels) of a weight independently given it: each rank solves its own block of rows
+and the blocks are gathered, so the column solve of a big linear is shared instead of repeated
+on every rank. Each row goes through exactly the arithmetic it would in the whole matrix, so the
+result is the single process's (``tests/test_gptq_row_split.py`` checks it on the CPU and, marked ``gpu``,
+on a GPU, where cuBLAS picks kernels by shape). ``SPLIT_SOLVE_MIN_ROWS_PER_RANK = None`` turns it off.
 """
 
 from __future__ import annotations
 
+import torch
+
 from quantkit.pipeline.context import LayerContext
 from quantkit.quant.gptq import GPTQConfig, gptq_quantize
 from quantkit.quant.hessian import HessianAccumulator
+from quantkit.quant.rtn import QuantizedWeight
 from quantkit.quant.weights import weight_out_in
+
+SPLIT_SOLVE_MIN_ROWS_PER_RANK: int | None = 256  # share a linear's solve when every rank gets this many rows
 
 
 def quantize_layer_gptq(ctx: LayerContext, config: GPTQConfig, true_sequential: bool = True) -> None:
@@ -28,8 +40,7 @@ def quantize_layer_gptq(ctx: LayerContext, config: GPTQConfig, true_sequential: 
             for position, (name, module) in enumerate(targets):
                 weight = weight_out_in(module)
                 last = position == len(targets) - 1  # the last linear may use the Hessian as working memory
-                qweight, _loss = gptq_quantize(weight, hessian, ctx.scheme, config, module_name=name,
-                                               overwrite_hessian=last)
+                qweight = _solve(ctx, weight, hessian, config, name, overwrite_hessian=last)
                 ctx.record(name, module, qweight, reference=weight)
             del hessian
             if true_sequential:
@@ -38,3 +49,20 @@ def quantize_layer_gptq(ctx: LayerContext, config: GPTQConfig, true_sequential: 
 
 def _collect_hessians(ctx: LayerContext, groups) -> dict[str, HessianAccumulator]:
     return ctx.collect_group_inputs(groups, lambda width, device: HessianAccumulator(width, device=device))
+
+
+def _solve(ctx: LayerContext, weight: torch.Tensor, hessian: torch.Tensor, config: GPTQConfig, name: str,
+           overwrite_hessian: bool) -> QuantizedWeight:
+    """GPTQ of one linear: alone, or this rank's block of rows and then every rank's, gathered."""
+    group, rows = ctx.data_parallel, weight.shape[0]
+    minimum = SPLIT_SOLVE_MIN_ROWS_PER_RANK
+    if group is None or minimum is None or rows // group.world_size < minimum:
+        return gptq_quantize(weight, hessian, ctx.scheme, config, module_name=name,
+                             overwrite_hessian=overwrite_hessian)[0]
+    start, end = group.row_bounds(rows)[group.rank]
+    part, _loss = gptq_quantize(weight[start:end], hessian, ctx.scheme, config, module_name=name,
+                                overwrite_hessian=overwrite_hessian)
+    codes = part.codes.to(torch.uint8) if part.bits <= 8 else part.codes  # a quarter of the traffic
+    return QuantizedWeight(codes=group.gather_rows(codes, rows).to(part.codes.dtype),
+                           scales=group.gather_rows(part.scales, rows), zeros=group.gather_rows(part.zeros, rows),
+                           g_idx=part.g_idx, bits=part.bits, group_size=part.group_size, symmetric=part.symmetric)
