@@ -53,7 +53,7 @@ class _Seq:
 
 
 class _Live:
-    __slots__ = ("request_id", "params", "tokens", "logprobs", "text", "offset", "arrival", "seqs")
+    __slots__ = ("arrival", "logprobs", "offset", "params", "request_id", "seqs", "text", "tokens")
 
     def __init__(self, request_id, params, offset, arrival) -> None:
         self.request_id, self.params, self.offset, self.arrival = request_id, params, offset, arrival
@@ -124,7 +124,6 @@ class SyntheticEngine:
                 pass
             time.sleep(0)  # a torch op releasing and re-taking the GIL
         time.sleep(self.device_s)  # the device computing, the GIL released
-        now = time.perf_counter()
         outputs = []
         stream, pieces = self.stream, self.pieces
         for live in list(self._running.values()):

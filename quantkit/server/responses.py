@@ -14,6 +14,7 @@ import math
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from quantkit.runtime.outputs import CompletionOutput, RequestOutput
 
@@ -29,7 +30,7 @@ def _float(value: float) -> str:
     value = float(value)
     if math.isfinite(value):
         return repr(value)
-    return "NaN" if value != value else ("Infinity" if value > 0 else "-Infinity")
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
 
 
 class TokenTexts:
@@ -37,7 +38,7 @@ class TokenTexts:
     tokenizer and kept: a streamed token's log-probability entry costs a dict lookup, not a
     decode and an encode."""
 
-    _by_tokenizer: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    _by_tokenizer: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -208,8 +209,9 @@ class Formatter:
             texts.append(found[1])
             offsets.append(str(offset))
             offset += len(found[0])
-        return (f'{{"tokens":[{",".join(texts)}],"token_logprobs":[{",".join(map(_float, values))}],'
-                f'"top_logprobs":null,"text_offset":[{",".join(offsets)}]}}', offset)
+        encoded = (f'{{"tokens":[{",".join(texts)}],"token_logprobs":[{",".join(map(_float, values))}],'
+                   f'"top_logprobs":null,"text_offset":[{",".join(offsets)}]}}')
+        return encoded, offset
 
     def _chat_logprobs_json(self, tokens: list[int], values: list[float]) -> str:
         """``_chat_logprobs`` as JSON text."""

@@ -123,7 +123,7 @@ def test_metrics_text_has_every_family_and_speculation_when_on():
 class _Pieces:
     """A stand-in tokenizer: token id i decodes to PIECES[i]."""
 
-    PIECES = ["He", "llo", " caf", "\u00e9", " \"q\"", "\\n", "\u4e16", ""]
+    PIECES = ("He", "llo", " caf", "\u00e9", " \"q\"", "\\n", "\u4e16", "")
 
     def decode(self, ids, **_):
         return "".join(self.PIECES[i] for i in ids)
