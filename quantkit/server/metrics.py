@@ -54,8 +54,7 @@ class ServerMetrics:
                                 ["finished_reason"], registry=r)
         self.failed = Counter("quantkit_request_failure", "Accepted requests that ended in an error, by cause.",
                               ["cause"], registry=r)
-        self.http_errors = Counter("quantkit_http_errors", "Error responses, by HTTP status.", ["status"],
-                                   registry=r)
+        self.http_error_counts: dict[str, int] = {}  # by status (plain: an engine process renders them too)
         self.snapshot: dict = {}
         r.register(_HistogramCollector([self.ttft, self.itl, self.e2e]))
         r.register(_EngineStateCollector(self))
@@ -76,7 +75,8 @@ class ServerMetrics:
         self.failed.labels(cause=cause).inc()
 
     def record_http_error(self, status: int) -> None:
-        self.http_errors.labels(status=str(status)).inc()
+        key = str(status)
+        self.http_error_counts[key] = self.http_error_counts.get(key, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -127,6 +127,10 @@ class _EngineStateCollector:
         return []
 
     def collect(self):
+        errors = CounterMetricFamily("quantkit_http_errors", "Error responses, by HTTP status.", labels=["status"])
+        for status, count in sorted(dict(self.metrics.http_error_counts).items()):
+            errors.add_metric([status], float(count))
+        yield errors
         snap = dict(self.metrics.snapshot)
         yield _gauge("quantkit_engine_ready", "1 when the model is loaded and the engine serves.",
                      1.0 if snap.get("ready") else 0.0)
