@@ -182,6 +182,16 @@ def engine_alone(engine: SyntheticEngine, args) -> dict:
             "steps": engine.steps, "step_ms": 1e3 * step_time(engine)}
 
 
+def synthetic_in_process(max_num_seqs: int, host_ms: float, ops: int, device_ms: float) -> SyntheticEngine:
+    """The engine process's loader (``--engine-process``)."""
+    from transformers import AutoTokenizer
+
+    from quantkit.models.bundled import BUNDLED_MODELS
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BUNDLED_MODELS["quantkit-target"]))
+    return SyntheticEngine(tokenizer, max_num_seqs=max_num_seqs, host_ms=host_ms, ops=ops, device_ms=device_ms)
+
+
 class Server:
     def __init__(self, engine: SyntheticEngine, args) -> None:
         import uvicorn
@@ -203,7 +213,15 @@ class Server:
                 self.profiles["http_thread"] = _profiler()
             self.server.run(sockets=[self.sock])
 
-        self.engine = AsyncEngine(loader)
+        if args.engine_process:
+            import functools
+
+            from quantkit.server.engine_process import ProcessEngine
+
+            self.engine = ProcessEngine(functools.partial(synthetic_in_process, args.max_num_seqs, args.host_ms,
+                                                          args.ops, args.device_ms))
+        else:
+            self.engine = AsyncEngine(loader)
         settings = ServerSettings(served_names=[SERVED_NAME], max_num_seqs=args.max_num_seqs, max_queue=1024)
         app = build_app(ServerContext(self.engine, settings), manage_engine=True)
         self.sock = socket.socket()
@@ -239,6 +257,8 @@ def served(server: Server, engine: SyntheticEngine, args, out: Path, index: int)
                "--json", str(target)]
     children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     client = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    if args.engine_process:
+        return served_process(server, client, children0, target)
     # the measured run starts after the client's warm-up request: reset when the first measured one arrives
     while engine.steps == 0 or engine.tokens_out < 4:  # the warm-up request (4 tokens)
         if client.poll() is not None:
@@ -268,6 +288,31 @@ def served(server: Server, engine: SyntheticEngine, args, out: Path, index: int)
             "client_us_per_token": 1e6 * client_cpu / tokens}
 
 
+def served_process(server: Server, client, children0, target: Path) -> dict:
+    """--engine-process: this process is only the server; its CPU over the run, per token."""
+    seen = 0
+    while seen < 1:  # the warm-up request went through
+        if client.poll() is not None:
+            raise SystemExit("the load generator ended early")
+        seen = server.engine.metrics_seen() if hasattr(server.engine, "metrics_seen") else 1
+        time.sleep(0.01)
+    while server.engine.in_flight == 0 and client.poll() is None:  # the warm-up, or the run, in flight
+        time.sleep(0.001)
+    while server.engine.in_flight > 0 and server.engine.in_flight < 2 and client.poll() is None:  # warm-up
+        time.sleep(0.001)
+    cpu0 = time.process_time()
+    client.wait()
+    cpu1 = time.process_time()
+    run = json.loads(target.read_text())["runs"][0]
+    tokens = run["output_tokens"]
+    return {"output_tokens": tokens, "failed": run["failed"], "duration_s": run["duration_s"],
+            "output_tokens_per_s": run["output_tokens_per_s"], "tpot_ms": 1e3 * run["tpot_s"]["median"],
+            "steps": 0, "step_ms": float("nan"), "server_cpu_s": cpu1 - cpu0,
+            "server_us_per_token": 1e6 * (cpu1 - cpu0) / tokens, "engine_thread_server_us_per_token": 0.0,
+            "http_side_us_per_token": 1e6 * (cpu1 - cpu0) / tokens, "server_sys_us_per_token": float("nan"),
+            "client_us_per_token": float("nan")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -281,6 +326,7 @@ def main() -> None:
     ap.add_argument("--device-ms", type=float, default=14.0, help="GIL-released wait per step (the device)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--label", default="")
+    ap.add_argument("--engine-process", action="store_true", help="the server's engine in a child process")
     ap.add_argument("--profile", action="store_true", help="cProfile the engine and HTTP threads (one run)")
     args = ap.parse_args()
     out = Path(args.out)
@@ -336,7 +382,7 @@ def main() -> None:
           f"{m['served_tokens_per_s']:.0f} tok/s (step {m['served_step_ms']:.1f} ms): overhead "
           f"{100 * m['overhead']:.1f}%; server host CPU {m['server_us_per_token']:.1f} us/token "
           f"(engine thread {m['engine_thread_server_us_per_token']:.1f}, HTTP side {m['http_side_us_per_token']:.1f}; "
-          f"system calls {m['server_sys_us_per_token']:.1f}); "
+          f"process system time incl. the synthetic steps {m['server_sys_us_per_token']:.1f}); "
           f"client {m['client_us_per_token']:.1f} us/token")
 
 
