@@ -345,6 +345,7 @@ def serve(
     shutdown_timeout: Annotated[float, typer.Option(help="On SIGTERM, seconds in-flight requests may run before they are aborted.")] = 30.0,
     cpu_threads: Annotated[Optional[int], typer.Option(help="--device cpu: torch threads for the engine (default: all cores but one, kept for HTTP).")] = None,
     log_level: Annotated[str, typer.Option(help="critical, error, warning, info or debug.")] = "info",
+    engine_process: Annotated[bool, typer.Option("--engine-process/--engine-thread", help="Run the engine in its own process (the HTTP work then never holds the GIL the engine loop needs), or on a thread of the server's.")] = False,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat, streaming) on
     quantkit's runtime, with /health, /metrics (Prometheus) and /v1/models."""
@@ -365,7 +366,7 @@ def serve(
         engine_options["num_speculative_tokens"] = num_speculative_tokens
     run_server(model, draft=draft, host=host, port=port, settings=settings, engine_options=engine_options,
                shutdown_timeout=shutdown_timeout, log_level=log_level.lower(), cpu_threads=cpu_threads,
-               ready_message=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
+               engine_process=engine_process, ready_message=lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True))
 
 
 @app.command()

@@ -72,7 +72,8 @@ def build_app(ctx: ServerContext, manage_engine: bool = True) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(engine.metrics.render(), media_type=CONTENT_TYPE)
+        # off the event loop: with the engine in its own process, rendering is a round trip
+        return Response(await asyncio.to_thread(engine.metrics.render), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

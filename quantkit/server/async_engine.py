@@ -370,10 +370,13 @@ class AsyncEngine:
         self._consecutive_failures = 0
         now = time.perf_counter()
         deliveries = []
+        generated = 0
         for output in outputs:
             live = self._live.get(output.request_id)
             if live is not None:
-                self._on_output(live, output, now, deliveries)
+                generated += self._on_output(live, output, now, deliveries)
+        if generated:
+            self.metrics.generation_tokens.inc(generated)  # once a step, not once a request
         if self._live and not self.engine.has_unfinished():  # never leave a reader waiting forever
             for live in list(self._live.values()):
                 self._fail(live, internal("the engine finished without completing this request"), "lost")
@@ -381,15 +384,17 @@ class AsyncEngine:
         self._publish()  # before the readers hear of it, so /metrics never lags what they saw
         self._send(deliveries)
 
-    def _on_output(self, live: _Live, output: RequestOutput, now: float, deliveries: list) -> None:
+    def _on_output(self, live: _Live, output: RequestOutput, now: float, deliveries: list) -> int:
+        """Hand ``output`` on (into ``deliveries``); the number of new tokens it brings."""
         tokens = sum(len(sample.token_ids) for sample in output.outputs)
+        generated = 0
         if tokens > live.tokens_seen:
             if live.first_token_at is None:
                 live.first_token_at = now
                 self.metrics.record_ttft(now - live.sub.arrival)
             else:
                 self.metrics.record_itl(now - live.last_token_at)
-            self.metrics.generation_tokens.inc(tokens - live.tokens_seen)
+            generated = tokens - live.tokens_seen
             live.tokens_seen, live.last_token_at = tokens, now
         if live.resume_from is not None:
             verdict = _compare_replay(live.resume_from, output)
@@ -398,9 +403,9 @@ class AsyncEngine:
                 self._engine_abort(live.request_id)
                 self._fail(live, internal("generation was interrupted by an engine failure and its replay "
                                           "diverged from the tokens already streamed"), "replay_diverged")
-                return
+                return generated
             if verdict == "behind":
-                return
+                return generated
             live.resume_from = None
         if output.finished:
             del self._live[live.request_id]
@@ -410,6 +415,7 @@ class AsyncEngine:
         elif live.sub.streaming:
             live.last_sent = output
             deliveries.append((live.sub.stream, output, None))
+        return generated
 
     # ------------------------------------------------------------------ faults
     def _on_step_failure(self, error: Exception) -> None:

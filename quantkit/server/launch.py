@@ -13,6 +13,7 @@ A second Ctrl-C exits at once.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
@@ -46,11 +47,14 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 def serve(model: str | None, *, draft: str | None = None, host: str = "127.0.0.1", port: int = 8000,
           settings=None, engine_options: dict | None = None, shutdown_timeout: float = 30.0,
-          log_level: str = "info", ready_message=print, cpu_threads: int | None = None) -> None:
+          log_level: str = "info", ready_message=print, cpu_threads: int | None = None,
+          engine_process: bool = False) -> None:
     """Serve ``model`` until SIGTERM/SIGINT; raise ``QuantkitError`` for anything a user can fix.
 
     On the CPU the engine runs ``cpu_threads`` torch threads, by default one fewer than the
-    machine's cores (see ``default_cpu_threads``)."""
+    machine's cores (see ``default_cpu_threads``). With ``engine_process`` the engine runs in a
+    child process (``engine_process.ProcessEngine``), so the HTTP work never competes with the
+    engine loop for the GIL."""
     from quantkit.models.bundled import resolve_model_path
     from quantkit.server.app import build_app
     from quantkit.server.async_engine import FAILED, AsyncEngine
@@ -76,21 +80,13 @@ def serve(model: str | None, *, draft: str | None = None, host: str = "127.0.0.1
     if settings.api_key is None and not _is_loopback(host):
         logger.warning("listening on %s without --api-key: anyone who can reach this port can use the model", host)
 
-    def load():
-        import torch
+    load = functools.partial(load_engine, model, options, threads, tuple(settings.served_names), log_level)
+    if engine_process:
+        from quantkit.server.engine_process import ProcessEngine
 
-        from quantkit.runtime.engine import Engine
-
-        if threads is not None:
-            torch.set_num_threads(threads)
-            logger.info("CPU: %d torch thread(s) for the engine", threads)
-        started = time.perf_counter()
-        engine = Engine(model, **options)
-        logger.info("model loaded in %.1f s; serving %s", time.perf_counter() - started,
-                    ", ".join(settings.served_names))
-        return engine
-
-    async_engine = AsyncEngine(load)
+        async_engine = ProcessEngine(load)
+    else:
+        async_engine = AsyncEngine(load)
     app = build_app(ServerContext(async_engine, settings), manage_engine=True)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=shutdown_timeout + 10, timeout_keep_alive=5)
@@ -102,6 +98,23 @@ def serve(model: str | None, *, draft: str | None = None, host: str = "127.0.0.1
     server.run(sockets=[sock])
     if async_engine.state == FAILED:
         raise QuantkitError(f"the model failed to load: {async_engine.problem}")
+
+
+def load_engine(model: str | None, options: dict, threads: int | None, served_names: tuple[str, ...],
+                log_level: str = "info"):
+    """Build the ``Engine`` (on the engine thread, or in the engine process: picklable)."""
+    import torch
+
+    from quantkit.runtime.engine import Engine
+
+    _configure_logging(log_level)  # a no-op on the server's thread; the engine process starts bare
+    if threads is not None:
+        torch.set_num_threads(threads)
+        logger.info("CPU: %d torch thread(s) for the engine", threads)
+    started = time.perf_counter()
+    engine = Engine(model, **options)
+    logger.info("model loaded in %.1f s; serving %s", time.perf_counter() - started, ", ".join(served_names))
+    return engine
 
 
 def default_cpu_threads() -> int:

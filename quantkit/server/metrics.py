@@ -9,14 +9,20 @@ publishes after every step, so a scrape never touches the engine itself. Names f
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
-    Histogram,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
+from prometheus_client.utils import floatToGoString
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0)
@@ -32,24 +38,25 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram("quantkit_time_to_first_token_seconds",
-                              "Time from the server accepting a request to its first output token.",
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("quantkit_inter_token_latency_seconds",
-                             "Time between successive engine steps that gave a request new tokens.",
-                             buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("quantkit_e2e_request_latency_seconds",
-                             "Time from the server accepting a request to its last token.",
-                             buckets=E2E_BUCKETS, registry=r)
+        # Observed by the engine thread for every request on every step: plain bucket counts
+        # (one writer), exported at scrape time, instead of prometheus_client's locked ones.
+        self.ttft = LightHistogram("quantkit_time_to_first_token_seconds",
+                                   "Time from the server accepting a request to its first output token.",
+                                   TTFT_BUCKETS)
+        self.itl = LightHistogram("quantkit_inter_token_latency_seconds",
+                                  "Time between successive engine steps that gave a request new tokens.",
+                                  ITL_BUCKETS)
+        self.e2e = LightHistogram("quantkit_e2e_request_latency_seconds",
+                                  "Time from the server accepting a request to its last token.", E2E_BUCKETS)
         self.prompt_tokens = Counter("quantkit_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generation_tokens = Counter("quantkit_generation_tokens", "Tokens generated.", registry=r)
         self.finished = Counter("quantkit_request_success", "Requests finished, by finish reason.",
                                 ["finished_reason"], registry=r)
         self.failed = Counter("quantkit_request_failure", "Accepted requests that ended in an error, by cause.",
                               ["cause"], registry=r)
-        self.http_errors = Counter("quantkit_http_errors", "Error responses, by HTTP status.", ["status"],
-                                   registry=r)
+        self.http_error_counts: dict[str, int] = {}  # by status (plain: an engine process renders them too)
         self.snapshot: dict = {}
+        r.register(_HistogramCollector([self.ttft, self.itl, self.e2e]))
         r.register(_EngineStateCollector(self))
 
     # ------------------------------------------------------------------ recording
@@ -68,10 +75,46 @@ class ServerMetrics:
         self.failed.labels(cause=cause).inc()
 
     def record_http_error(self, status: int) -> None:
-        self.http_errors.labels(status=str(status)).inc()
+        key = str(status)
+        self.http_error_counts[key] = self.http_error_counts.get(key, 0) + 1
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LightHistogram:
+    """A Prometheus histogram written by one thread without locks (a scrape may see an
+    observation's bucket before its sum: harmless for a histogram)."""
+
+    def __init__(self, name: str, doc: str, buckets: tuple[float, ...]) -> None:
+        self.name, self.doc, self.bounds = name, doc, tuple(float(b) for b in buckets)
+        self.counts = [0] * (len(self.bounds) + 1)  # the last: above every bound (+Inf only)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1  # the first bucket whose bound >= value
+        self.sum += value
+
+    def family(self) -> HistogramMetricFamily:
+        counts, total, buckets = list(self.counts), self.sum, []
+        running = 0
+        for bound, count in zip(self.bounds, counts):
+            running += count
+            buckets.append((floatToGoString(bound), running))
+        buckets.append(("+Inf", running + counts[-1]))
+        return HistogramMetricFamily(self.name, self.doc, buckets=buckets, sum_value=total)
+
+
+class _HistogramCollector:
+    def __init__(self, histograms: list[LightHistogram]) -> None:
+        self.histograms = histograms
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        for histogram in self.histograms:
+            yield histogram.family()
 
 
 class _EngineStateCollector:
@@ -84,6 +127,10 @@ class _EngineStateCollector:
         return []
 
     def collect(self):
+        errors = CounterMetricFamily("quantkit_http_errors", "Error responses, by HTTP status.", labels=["status"])
+        for status, count in sorted(dict(self.metrics.http_error_counts).items()):
+            errors.add_metric([status], float(count))
+        yield errors
         snap = dict(self.metrics.snapshot)
         yield _gauge("quantkit_engine_ready", "1 when the model is loaded and the engine serves.",
                      1.0 if snap.get("ready") else 0.0)

@@ -10,13 +10,61 @@ has received is always a prefix of the final text.
 from __future__ import annotations
 
 import json
+import math
 import time
+import weakref
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from quantkit.runtime.outputs import CompletionOutput, RequestOutput
 
 DONE = "data: [DONE]\n\n"
 _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+# The streaming path builds its JSON from fragments: a string through the C encoder json uses,
+# floats as json writes them (repr, or NaN/Infinity), the finish reasons pre-encoded.
+_string = json.encoder.encode_basestring  # the C one when available, as json.dumps(ensure_ascii=False)
+_REASONS = {None: "null", "stop": "\"stop\"", "length": "\"length\""}
+
+
+def _float(value: float) -> str:
+    value = float(value)
+    if math.isfinite(value):
+        return repr(value)
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+class TokenTexts:
+    """Each token id's text (``tokenizer.decode([id])``) and its JSON fragments, decoded once per
+    tokenizer and kept: a streamed token's log-probability entry costs a dict lookup, not a
+    decode and an encode."""
+
+    _by_tokenizer: ClassVar[weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._entries: dict[int, tuple[str, str, str, str]] = {}
+
+    @classmethod
+    def of(cls, tokenizer) -> TokenTexts:
+        if tokenizer is None:
+            return cls(None)
+        try:
+            texts = cls._by_tokenizer.get(tokenizer)
+            if texts is None:
+                texts = cls._by_tokenizer[tokenizer] = cls(tokenizer)
+            return texts
+        except TypeError:  # not weak-referenceable: a cache for this request only
+            return cls(tokenizer)
+
+    def entry(self, token_id: int) -> tuple[str, str, str, str]:
+        """(text, text as JSON, and the chat entry's JSON before and after its log-probability)."""
+        found = self._entries.get(token_id)
+        if found is None:
+            text = self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+            encoded = _string(text)
+            found = self._entries[token_id] = (text, encoded, f'{{"token":{encoded},"logprob":',
+                                               f',"bytes":{_encode(list(text.encode("utf-8")))},"top_logprobs":[]}}')
+        return found
 
 
 def sse(payload: dict) -> str:
@@ -56,6 +104,7 @@ class Formatter:
         self._head = f"data: {head[:-1]},\"choices\":[{{\"index\":"
         self._tail = "]" + (",\"usage\":null" if self.include_usage else "") + "}\n\n"
         self._content_key = ",\"text\":" if self.kind == "completion" else ",\"delta\":"
+        self._texts = TokenTexts.of(self.tokenizer)
 
     # ------------------------------------------------------------------ whole response
     def full(self, output: RequestOutput) -> dict:
@@ -90,6 +139,7 @@ class Formatter:
     def chunks(self, output: RequestOutput) -> list[str]:
         """SSE events for what ``output`` adds to what was sent."""
         events = []
+        completion = self.kind == "completion"
         for sample in output.outputs:
             if sample.index >= self.n:
                 continue
@@ -97,24 +147,29 @@ class Formatter:
             if cursor.done:
                 continue
             text, reason = self._advance(cursor, sample)
-            new_tokens = sample.token_ids[cursor.tokens:]
-            if not text and reason is None and not (self.logprobs and new_tokens):
+            token_ids = sample.token_ids
+            num_tokens = len(token_ids)
+            new = self.logprobs and num_tokens > cursor.tokens
+            if not text and reason is None and not new:
                 continue
-            logprobs = None
-            if self.logprobs and new_tokens:
-                values = _logprobs_of(sample)[cursor.tokens:len(sample.token_ids)]
-                if self.kind == "completion":
-                    logprobs = self._completion_logprobs(new_tokens, values, cursor.token_chars)
-                    cursor.token_chars += sum(len(t) for t in logprobs["tokens"])
+            logprobs = "null"
+            if new:
+                values = (sample.logprobs or [])[cursor.tokens:num_tokens]
+                new_tokens = token_ids[cursor.tokens:]
+                if completion:
+                    logprobs, cursor.token_chars = self._completion_logprobs_json(new_tokens, values,
+                                                                                  cursor.token_chars)
                 else:
-                    logprobs = self._chat_logprobs(new_tokens, values)
-            cursor.tokens = len(sample.token_ids)
+                    logprobs = self._chat_logprobs_json(new_tokens, values)
+            cursor.tokens = num_tokens
             if reason is not None:
                 cursor.done = True
-            if self.kind == "completion":
-                events.append(self._chunk(sample.index, text, logprobs, reason))
+            if completion:
+                content = _string(text)
             else:
-                events.append(self._chunk(sample.index, {"content": text} if text else {}, logprobs, reason))
+                content = f'{{"content":{_string(text)}}}' if text else "{}"
+            events.append(f"{self._head}{sample.index}{self._content_key}{content},\"logprobs\":{logprobs},"
+                          f"\"finish_reason\":{_REASONS.get(reason) or _encode(reason)}}}{self._tail}")
         return events
 
     def usage_chunk(self, output: RequestOutput) -> str:
@@ -143,7 +198,30 @@ class Formatter:
 
     # ------------------------------------------------------------------ log-probabilities
     def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+        return self._texts.entry(token_id)[0]
+
+    def _completion_logprobs_json(self, tokens: list[int], values: list[float], offset: int) -> tuple[str, int]:
+        """``_completion_logprobs`` as JSON text, and the offset after its tokens."""
+        entry = self._texts.entry
+        texts, offsets = [], []
+        for token in tokens:
+            found = entry(token)
+            texts.append(found[1])
+            offsets.append(str(offset))
+            offset += len(found[0])
+        encoded = (f'{{"tokens":[{",".join(texts)}],"token_logprobs":[{",".join(map(_float, values))}],'
+                   f'"top_logprobs":null,"text_offset":[{",".join(offsets)}]}}')
+        return encoded, offset
+
+    def _chat_logprobs_json(self, tokens: list[int], values: list[float]) -> str:
+        """``_chat_logprobs`` as JSON text."""
+        entry = self._texts.entry
+        parts = []
+        for token, value in zip(tokens, values):
+            found = entry(token)
+            parts.append(f"{found[2]}{_float(value)}{found[3]}")
+        content = ",".join(parts)
+        return f'{{"content":[{content}],"refusal":null}}'
 
     def _completion_logprobs(self, tokens: list[int], values: list[float], offset: int) -> dict:
         texts = [self._token_text(t) for t in tokens]

@@ -21,6 +21,7 @@ generator, ``metrics.txt`` (the server's Prometheus text at the end).
 
     python scripts/gpu/bench_serve.py --out out/gpu/serve [--model w4a16]    # on the GPU machine
     python scripts/gpu/bench_serve.py --tiny --out /tmp/serve-tiny            # a small shape on the CPU
+    python scripts/gpu/bench_serve.py --engine-process --out out/gpu/serve    # the engine in its own process
 """
 
 from __future__ import annotations
@@ -83,10 +84,33 @@ def engine_alone(loaded, args) -> dict:
     return {"setup": setup, "run": runs[0]}
 
 
-class InProcessServer:
-    """The server ``quantkit serve`` runs, on a free port of 127.0.0.1, in a background thread."""
+def build_model(shape: dict, device: str, kind: str):
+    """The random model of the run (float32 on the CPU, as ``load_model(dtype="auto")`` gives)."""
+    model = random_model(shape, device)
+    if device == "cpu":
+        model = model.float()
+    if kind == "w4a16":
+        quantize_w4a16_in_place(model)
+    return loaded_model(model, f"random Llama-3-8B-shape {kind}")
 
-    def __init__(self, loaded, args) -> None:
+
+def engine_in_process(shape: dict, device: str, kind: str, options: dict, threads: int | None):
+    """The engine process's loader (``--engine-process``): the same random model, built there."""
+    from quantkit.runtime.engine import Engine
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return Engine(build_model(shape, device, kind), **options)
+
+
+class InProcessServer:
+    """The server ``quantkit serve`` runs, on a free port of 127.0.0.1, in a background thread;
+    with ``--engine-process`` its engine runs in a child process (``quantkit serve
+    --engine-process``), which builds the same random model itself."""
+
+    def __init__(self, loaded, args, shape: dict | None = None) -> None:
+        import functools
+
         import uvicorn
 
         from quantkit.runtime.engine import Engine
@@ -95,7 +119,14 @@ class InProcessServer:
         from quantkit.server.generation import ServerContext
         from quantkit.server.settings import ServerSettings
 
-        self.engine = AsyncEngine(lambda: Engine(loaded, **engine_options(args)))
+        if args.engine_process:
+            from quantkit.server.engine_process import ProcessEngine
+
+            threads = torch.get_num_threads() if args.device == "cpu" else None
+            self.engine = ProcessEngine(functools.partial(engine_in_process, shape, args.device, args.model,
+                                                          engine_options(args), threads))
+        else:
+            self.engine = AsyncEngine(lambda: Engine(loaded, **engine_options(args)))
         settings = ServerSettings(served_names=[SERVED_NAME], max_num_seqs=args.max_num_seqs,
                                   max_queue=max(512, args.num_requests))
         app = build_app(ServerContext(self.engine, settings), manage_engine=True)
@@ -158,6 +189,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--load-timeout", type=float, default=600.0)
+    ap.add_argument("--engine-process", action="store_true",
+                    help="run the server's engine in its own process (quantkit serve --engine-process)")
     args = ap.parse_args()
     for key, value in (SMALL if args.tiny else FULL).items():
         if getattr(args, key) is None:
@@ -173,17 +206,14 @@ def main() -> None:
                "model": f"{'tiny' if args.tiny else 'Llama-3-8B'} shape, random weights, {args.model}", "shape": shape,
                "workload": {k: getattr(args, k) for k in ("num_requests", "input_len_range", "output_len_range",
                                                           "rates", "seed", "max_num_seqs")},
+               "server_engine": "engine process" if args.engine_process else "engine thread",
                "sampling": "greedy, end-of-sequence ignored; the HTTP runs stream with token log-probabilities"}
     started = time.perf_counter()
-    model = random_model(shape, args.device)
     if args.device == "cpu":
         from quantkit.server.launch import default_cpu_threads
 
         torch.set_num_threads(default_cpu_threads())  # as `quantkit serve` runs a CPU engine
-        model = model.float()  # the CPU computes in float32, as load_model(dtype="auto") would
-    if args.model == "w4a16":
-        quantize_w4a16_in_place(model)
-    loaded = loaded_model(model, f"random Llama-3-8B-shape {args.model}")
+    loaded = build_model(shape, args.device, args.model)
     results["build_seconds"] = time.perf_counter() - started
     save(results, out)
 
@@ -191,7 +221,16 @@ def main() -> None:
     save(results, out)
     print("\n".join(summary(results)), flush=True)
 
-    server = InProcessServer(loaded, args)
+    if args.engine_process:  # the engine process builds its own copy: free this one first
+        if args.kv_cache_tokens is None:  # and give it the KV cache the engine alone had
+            args.kv_cache_tokens = results["engine_alone"]["setup"]["kv_cache_tokens"]
+        loaded = None
+        if args.device == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()
+    server = InProcessServer(loaded, args, shape)
     try:
         command = [sys.executable, "-m", "quantkit", "bench", "serve", server.base, "--num-requests",
                    str(args.num_requests), "--input-len-range", args.input_len_range, "--output-len-range",

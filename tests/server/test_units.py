@@ -118,3 +118,50 @@ def test_metrics_text_has_every_family_and_speculation_when_on():
     assert values["quantkit_spec_decode_num_accepted_tokens_total"] == 30
     metrics.snapshot = {k: v for k, v in metrics.snapshot.items() if k != "spec"}
     assert "spec_decode" not in metrics.render().decode()
+
+
+class _Pieces:
+    """A stand-in tokenizer: token id i decodes to PIECES[i]."""
+
+    PIECES = ("He", "llo", " caf", "\u00e9", " \"q\"", "\\n", "\u4e16", "")
+
+    def decode(self, ids, **_):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+@pytest.mark.parametrize("kind", ["completion", "chat"])
+def test_streamed_chunks_are_exactly_the_json_of_openais_shapes(kind):
+    """The stream's chunks are built from pre-encoded fragments: byte for byte what encoding the
+    dicts gives (key order included), log-probabilities of every token, -inf included."""
+    import json
+
+    encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+    tokenizer = _Pieces()
+    formatter = Formatter(kind, "id-1", "m", 4, 1, tokenizer, logprobs=True, include_usage=True, created=7)
+    tokens, values, sent, offset = [], [], "", 0
+    steps = [([0], [-0.5]), ([1, 2], [-1e-9, float("-inf")]), ([3], [-2.0]), ([4, 5, 6, 7], [-0.25, -3.0, -1.5, 0.0])]
+    for number, (new, new_values) in enumerate(steps):
+        tokens += new
+        values += new_values
+        last = number == len(steps) - 1
+        text = tokenizer.decode(tokens)
+        output = RequestOutput("id-1", [1], [CompletionOutput(0, list(tokens), text, "length" if last else None,
+                                                              list(values))], last)
+        (event,) = formatter.chunks(output)
+        delta, sent = text[len(sent):], text
+        pieces = [tokenizer.decode([t]) for t in new]
+        if kind == "completion":
+            offsets = []
+            for piece in pieces:
+                offsets.append(offset)
+                offset += len(piece)
+            logprobs = {"tokens": pieces, "token_logprobs": new_values, "top_logprobs": None, "text_offset": offsets}
+            choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": "length" if last else None}
+        else:
+            logprobs = {"content": [{"token": p, "logprob": v, "bytes": list(p.encode()), "top_logprobs": []}
+                                    for p, v in zip(pieces, new_values)], "refusal": None}
+            choice = {"index": 0, "delta": {"content": delta} if delta else {}, "logprobs": logprobs,
+                      "finish_reason": "length" if last else None}
+        expected = {"id": "id-1", "object": "text_completion" if kind == "completion" else "chat.completion.chunk",
+                    "created": 7, "model": "m", "choices": [choice], "usage": None}
+        assert event == f"data: {encode(expected)}\n\n"
