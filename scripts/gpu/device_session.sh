@@ -57,6 +57,11 @@ for phase in "$@"; do
       [ -d .device_wheels ] && python -m pip install -q --no-index --find-links .device_wheels fastapi uvicorn httptools uvloop \
         prometheus-client httpx > "$OUT/serve_pip.txt" 2>&1
       timeout 330 python scripts/gpu/bench_serve.py --out "$OUT/serve" > "$OUT/serve.txt" 2>&1 ;;
+    serve-proc)
+      # the engine in its own process (quantkit serve --engine-process)
+      [ -d .device_wheels ] && python -m pip install -q --no-index --find-links .device_wheels fastapi uvicorn httptools \
+        uvloop prometheus-client httpx > "$OUT/serve_pip.txt" 2>&1
+      timeout 330 python scripts/gpu/bench_serve.py --engine-process --out "$OUT/serve_proc" > "$OUT/serve_proc.txt" 2>&1 ;;
     spec)
       for draft in none quantkit-draft; do
         for conc in 1 64; do
