@@ -180,26 +180,99 @@ def test_auto_gemm_takes_the_tma_kernel_for_large_gemms(monkeypatch):
     assert calls == []
 
 
-@needs_triton
-def test_every_default_tile_computes_the_same_gemm():
+H100_SHARED_MEMORY = 232448  # bytes per block (opt-in), what Triton 3.6 compares against
+
+
+def default_configs():
     from quantkit.kernels.int8_gemm_triton import (
         choose_int8_config,
         choose_int8_tma_config,
-        int8_gemm_tma_triton,
-        int8_gemm_triton,
     )
 
-    configs = {choose(m, n) for choose in (choose_int8_config, choose_int8_tma_config)
-               for m in (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192) for n in (1024, 4096, 14336)}
+    rows = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+    shapes = ((4096, 4096), (4096, 14336), (14336, 4096), (4096, 1024))  # (K, N) of Llama-3-8B
+    tiled = {choose_int8_config(m, n) for m in rows for _, n in shapes}
+    tma = {choose_int8_tma_config(m, n, k) for m in rows for k, n in shapes}
+    return tiled, tma
+
+
+def test_every_default_tile_fits_the_h100_shared_memory():
+    from quantkit.kernels.int8_gemm_triton import shared_memory_bytes
+
+    tiled, tma = default_configs()
+    for config in tiled | tma:
+        assert config.block_k >= 32 and config.block_m >= 16 and config.block_n >= 16  # tensor-core minimums
+        assert shared_memory_bytes(config, 2, config in tma) <= H100_SHARED_MEMORY, config  # bf16 / fp16 out
+        assert shared_memory_bytes(config, 4, False) <= H100_SHARED_MEMORY, config
+
+
+def test_a_config_too_large_for_shared_memory_is_shrunk_or_refused():
+    from quantkit.kernels.int8_gemm_triton import (
+        Int8GemmConfig,
+        fit_shared_memory,
+        shared_memory_bytes,
+    )
+
+    big = Int8GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=3)
+    # what the H100 refused with a float32 output (OutOfResources: Required 278552 > 232448)
+    assert shared_memory_bytes(big, 4, tma=True) == 278552
+    fitted = fit_shared_memory(big, 4, True, H100_SHARED_MEMORY)
+    assert fitted == Int8GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=3, epilogue_subtile=True)
+    assert fit_shared_memory(big, 2, True, H100_SHARED_MEMORY) == big  # bf16 output: 213,016 bytes
+    four = Int8GemmConfig(256, 128, 128, group_m=8, num_warps=8, num_stages=4, epilogue_subtile=True, flatten=True)
+    assert fit_shared_memory(four, 4, True, H100_SHARED_MEMORY).num_stages == 3
+    assert fit_shared_memory(big, 4, True, None) == big  # no limit known (CPU): unchanged
+    with pytest.raises(ValueError, match="fits in 1000 bytes"):
+        fit_shared_memory(big, 4, True, 1000)
+
+
+def test_a_launch_refused_for_shared_memory_runs_a_smaller_config(monkeypatch):
+    from triton.runtime.errors import OutOfResources
+
+    import quantkit.kernels.int8_gemm_triton as gemms
+
+    big = gemms.Int8GemmConfig(128, 256, 128, num_stages=3)
+    tried = []
+
+    def launch(config):  # a device that has less shared memory than the estimate says
+        tried.append(config)
+        if gemms.shared_memory_bytes(config, 2, False) > 100_000:
+            raise OutOfResources(gemms.shared_memory_bytes(config, 2, False), 100_000, "shared memory")
+        return config
+
+    monkeypatch.setattr(gemms, "_FITTED", {})
+    ran = gemms._launch_fitting(launch, big, torch.bfloat16, False, torch.device("cpu"))
+    assert ran.num_stages == 2 and ran.block_k == 128 and len(tried) == 2
+    tried.clear()
+    assert gemms._launch_fitting(launch, big, torch.bfloat16, False, torch.device("cpu")) == ran
+    assert tried == [ran]  # remembered: no second refusal
+
+
+def test_auto_takes_the_tma_kernel_where_the_h100_sweep_measured_it_faster():
+    from quantkit.kernels.int8_linear import _tma_pays
+
+    # (M, N, K): q/o_proj from 4096 rows, gate/up_proj and down_proj from 2048, k/v_proj never
+    for m, n, k, used in ((2048, 4096, 4096, False), (4096, 4096, 4096, True), (1024, 14336, 4096, False),
+                          (2048, 14336, 4096, True), (2048, 4096, 14336, True), (8192, 1024, 4096, False)):
+        assert _tma_pays(m, n, k) == used, (m, n, k)
+
+
+@needs_triton
+def test_every_default_tile_computes_the_same_gemm():
+    from quantkit.kernels.int8_gemm_triton import int8_gemm_tma_triton, int8_gemm_triton
+
+    tiled, tma = default_configs()
     device = triton_device()
     packed, _ = packed_weight(40, 96, "int", device=device)  # far smaller than every tile: edges everywhere
     codes, scale = quantize_activation(inputs(21, 96, device=device), "int")
     want = int8_linear_reference(inputs(21, 96, device=device), packed)
-    for config in sorted(configs, key=str):
-        assert config.block_k >= 32 and config.block_m >= 16 and config.block_n >= 16  # tensor-core minimums
+    for config in sorted(tiled | tma, key=str):
+        # float32 output: the TMA kernel's largest defaults run shrunk to fit (fit_shared_memory)
         for gemm in (int8_gemm_triton, int8_gemm_tma_triton):
             got = gemm(codes, scale, packed.weight, packed.weight_scale, None, torch.float32, config)
             assert_epilogue_close(got, want)
+        got = int8_gemm_tma_triton(codes, scale, packed.weight, packed.weight_scale, None, torch.bfloat16, config)
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("activations", ["dynamic", "static", "none"])
