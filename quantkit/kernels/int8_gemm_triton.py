@@ -32,6 +32,12 @@ class Int8GemmConfig:
     # loads overlap this tile's epilogue
     epilogue_subtile: bool = False
     flatten: bool = False
+    # persistent TMA kernel only: Triton's automatic warp specialization of the tile loop
+    # (``tl.range(..., warp_specialize=True)``; on Hopper Triton 3.5+ runs its ``hopper_warpspec``
+    # pass: producer warps issue the TMA loads, consumer warp groups the wgmma). Its tutorial
+    # ``09-persistent-matmul.py`` turns flattening off with it on Hopper ("Hopper warpspec doesn't
+    # work with flatten"). A ``--sweep`` candidate, not a default: not yet measured
+    warp_specialize: bool = False
 
 
 def choose_int8_config(m: int, n: int) -> Int8GemmConfig:
@@ -309,6 +315,7 @@ def _int8_gemm_tma_kernel(
     NUM_PROGRAMS: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr,
     FLATTEN: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
     STORE_N: tl.constexpr,
 ):
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -319,7 +326,8 @@ def _int8_gemm_tma_kernel(
     per_group = GROUP_M * num_n
     k_tiles = tl.cdiv(K, BLOCK_K)
     tile_c = tl.program_id(0) - NUM_PROGRAMS  # the epilogue's own tile counter (see above)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_coordinates(tile, num_m, per_group, GROUP_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for ki in range(k_tiles):
@@ -376,7 +384,7 @@ def int8_gemm_tma_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor
             a, b, a_scale.reshape(-1), b_scale.reshape(-1), bias if bias is not None else b_scale, out, m, n, k,
             A_PER_ROW=a_scale.numel() != 1 or m == 1, HAS_BIAS=bias is not None, BLOCK_M=config.block_m,
             BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_PROGRAMS=programs,
-            EPILOGUE_SUBTILE=config.epilogue_subtile, FLATTEN=config.flatten,
+            EPILOGUE_SUBTILE=config.epilogue_subtile, FLATTEN=config.flatten, WARP_SPECIALIZE=config.warp_specialize,
             STORE_N=config.block_n // 2 if config.epilogue_subtile else config.block_n,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )  # fmt: skip

@@ -207,22 +207,28 @@ TILED_CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages, group
     (128, 128, 256, 8, 3, 8), (256, 256, 64, 8, 3, 8), (128, 256, 128, 8, 3, 16),
 )
 # the persistent TMA kernel from PERSISTENT_FROM_TOKENS rows: (block_m, block_n, block_k, num_warps,
-# num_stages, group_m, epilogue_subtile, flatten); the first is its default, the fifth the variant
-# measured before (no subtiling, no flattening)
+# num_stages, group_m, epilogue_subtile, flatten[, warp_specialize]); the sixth and second are the
+# defaults (``choose_int8_tma_config``: the fastest of the second H100 sweep, 256 x 128 for gate/up
+# and down_proj, 128 x 256 for q/o_proj); the last five use Triton's automatic warp specialization
+# (Hopper: without flattening, as Triton's 09-persistent-matmul tutorial does), not yet measured
 PERSISTENT_CANDIDATES = (
     (128, 256, 128, 8, 3, 8, True, True), (128, 256, 128, 8, 4, 8, True, True),
     (128, 256, 128, 8, 3, 8, False, True), (128, 256, 128, 8, 3, 8, True, False),
-    (128, 256, 128, 8, 3, 8, False, False), (256, 128, 128, 8, 3, 8, True, True),
-    (256, 128, 128, 8, 4, 8, True, True), (128, 128, 128, 8, 4, 8, False, True),
+    (128, 256, 128, 8, 3, 8, False, False), (256, 128, 128, 8, 4, 8, True, True),
+    (256, 128, 128, 8, 3, 8, True, True), (128, 128, 128, 8, 4, 8, False, True),
     (128, 128, 128, 4, 4, 8, False, True), (128, 128, 128, 8, 5, 8, True, True),
     (128, 256, 64, 8, 5, 8, True, True), (128, 128, 256, 8, 3, 8, True, True),
     (128, 256, 128, 8, 3, 16, True, True), (256, 128, 64, 8, 5, 8, True, True),
+    (128, 256, 128, 8, 3, 8, True, False, True), (256, 128, 128, 8, 3, 8, True, False, True),
+    (128, 256, 64, 8, 4, 8, True, False, True), (128, 128, 128, 4, 4, 8, False, False, True),
+    (128, 128, 128, 8, 4, 8, True, False, True),
 )
 PERSISTENT_FROM_TOKENS = 1024
 
 
 def _sweep_label(kernel: str, config) -> str:
-    extras = ("" if not config.epilogue_subtile else " subtile") + ("" if not config.flatten else " flat")
+    extras = ("" if not config.epilogue_subtile else " subtile") + ("" if not config.flatten else " flat") + (
+        " ws" if config.warp_specialize else "")
     return (f"{kernel} {config.block_m}x{config.block_n}x{config.block_k} g{config.group_m} w{config.num_warps} "
             f"s{config.num_stages}{extras}")
 
@@ -240,8 +246,9 @@ def _sweep_int8(q_int, int8s, dtype, device, m, n) -> dict:
                   for bm, bn, bk, w, s, g in TILED_CANDIDATES if bm <= max(16, 2 * m)]
     if m >= PERSISTENT_FROM_TOKENS:
         candidates += [("tma", int8_gemm_tma_triton, Int8GemmConfig(bm, bn, bk, group_m=g, num_warps=w, num_stages=s,
-                                                                    epilogue_subtile=sub, flatten=flat))
-                       for bm, bn, bk, w, s, g, sub, flat in PERSISTENT_CANDIDATES]
+                                                                    epilogue_subtile=sub, flatten=flat,
+                                                                    warp_specialize=bool(ws and ws[0])))
+                       for bm, bn, bk, w, s, g, sub, flat, *ws in PERSISTENT_CANDIDATES]
     best, every = {}, {}
     for kernel, gemm, config in candidates:
         label = _sweep_label(kernel, config)

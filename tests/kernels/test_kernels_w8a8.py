@@ -143,7 +143,8 @@ def test_tma_int8_gemm_equals_the_tiled_one(m, k, n, monkeypatch):
     bias = torch.randn(n).to(device)
     configs = (None, Int8GemmConfig(16, 32, 32, group_m=2),  # more tiles than programs: each walks several
                Int8GemmConfig(16, 32, 32, group_m=2, epilogue_subtile=True, flatten=True),
-               Int8GemmConfig(32, 16, 64, group_m=1, epilogue_subtile=True))
+               Int8GemmConfig(32, 16, 64, group_m=1, epilogue_subtile=True),
+               Int8GemmConfig(16, 32, 32, group_m=2, epilogue_subtile=True, warp_specialize=True))
     for config in configs:
         want = int8_gemm_triton(codes, scale, packed.weight, packed.weight_scale, bias, torch.float32, config)
         got = int8_gemm_tma_triton(codes, scale, packed.weight, packed.weight_scale, bias, torch.float32, config)
