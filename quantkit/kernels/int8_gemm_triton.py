@@ -36,7 +36,8 @@ class Int8GemmConfig:
     # (``tl.range(..., warp_specialize=True)``; on Hopper Triton 3.5+ runs its ``hopper_warpspec``
     # pass: producer warps issue the TMA loads, consumer warp groups the wgmma). Its tutorial
     # ``09-persistent-matmul.py`` turns flattening off with it on Hopper ("Hopper warpspec doesn't
-    # work with flatten"). A ``--sweep`` candidate, not a default: not yet measured
+    # work with flatten"). ``bench_w8a8_gemm.py --sweep --warp-specialize`` candidates, not a
+    # default: not yet measured
     warp_specialize: bool = False
 
 
