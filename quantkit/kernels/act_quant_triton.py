@@ -41,12 +41,14 @@ def round_to_e4m3(y):
     next binade). Normal numbers keep 3 of float32's 23 mantissa bits; below 2**-6 (subnormals)
     the step is 2**-9.
     """
-    bits = y.to(tl.int32, bitcast=True)
-    lsb = (bits >> 20) & 1
-    bits = (bits + 0x7FFFF + lsb) & -0x100000
-    normal = bits.to(tl.float32, bitcast=True)
-    magnitude = _round_half_even(tl.abs(y) * 512.0) / 512.0
-    subnormal = tl.where(y < 0, -magnitude, magnitude)  # keeps -0.0 for small negatives
+    y_bits = y.to(tl.int32, bitcast=True)
+    lsb = (y_bits >> 20) & 1
+    normal = ((y_bits + 0x7FFFF + lsb) & -0x100000).to(tl.float32, bitcast=True)
+    magnitude = _round_half_even(tl.abs(y) * 512.0) * 0.001953125  # / 512, exact
+    # the sign from y's sign bit, and by a multiplication: Triton 3.6 (the H100 run's) compiles ``-m`` as
+    # ``0 - m``, +0.0 for m = +0.0 (fixed upstream by triton-lang/triton#10270), so negatives rounding to
+    # zero stored 0x00 where torch stores -0.0 (0x80): the H100 caught it, the interpreter did not
+    subnormal = tl.where(y_bits < 0, magnitude * -1.0, magnitude)
     return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
 
 

@@ -9,6 +9,8 @@ groups of GROUP_M row tiles so neighbouring programs share weight tiles in L2.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -30,15 +32,26 @@ class Int8GemmConfig:
     # loads overlap this tile's epilogue
     epilogue_subtile: bool = False
     flatten: bool = False
+    # persistent TMA kernel only: Triton's automatic warp specialization of the tile loop
+    # (``tl.range(..., warp_specialize=True)``; on Hopper Triton 3.5+ runs its ``hopper_warpspec``
+    # pass: producer warps issue the TMA loads, consumer warp groups the wgmma). Its tutorial
+    # ``09-persistent-matmul.py`` turns flattening off with it on Hopper ("Hopper warpspec doesn't
+    # work with flatten"). ``bench_w8a8_gemm.py --sweep --warp-specialize`` candidates, not a
+    # default: not yet measured
+    warp_specialize: bool = False
 
 
 def choose_int8_config(m: int, n: int) -> Int8GemmConfig:
     """Tiles by the number of rows and the width of the output: the fastest of
     ``scripts/gpu/bench_w8a8_gemm.py --sweep`` at the Llama-3-8B shapes (H100, torch 2.11,
-    Triton 3.6; N = 1024, 4096, 14336). Few rows: the GEMM streams the weight, so narrow tiles and
-    deep K blocks give enough programs; from ~1024 rows it is compute-bound: 128 x 128 x 128 with
-    8 warps (128 x 256 was slower at every measured shape but down_proj, within 2% there)."""
+    Triton 3.6; N = 1024, 4096, 14336; ``scripts/results/w8a8_gemm_h100_sweep2.json``, where this
+    table is the fastest swept tile at every measured row count up to 2048 but gate/up_proj's 1 to 4
+    rows, now 16 x 128 x 128 as measured there). Few rows: the GEMM streams the weight, so narrow
+    tiles and deep K blocks give enough programs; from ~1024 rows it is compute-bound: 128 x 128 x
+    128 with 8 warps (128 x 256 was slower at every measured shape)."""
     narrow, wide = n <= 2048, n > 8192
+    if m <= 4 and wide:
+        return Int8GemmConfig(16, 128, 128, group_m=1, num_warps=4, num_stages=4)
     if m <= 16:
         if narrow or (m > 8 and not wide):
             return Int8GemmConfig(16, 32, 256, group_m=1, num_warps=4, num_stages=4)
@@ -73,14 +86,103 @@ def choose_int8_config(m: int, n: int) -> Int8GemmConfig:
     return Int8GemmConfig(128, 128, 128, group_m=8, num_warps=8, num_stages=3)
 
 
-def choose_int8_tma_config(m: int, n: int) -> Int8GemmConfig:
-    """Tiles for the persistent TMA kernel: the tiled kernel's below 1024 rows; above, 128 x 256 x
-    128 with 8 warps and 3 stages, as measured (H100, Triton 3.6: 1.46-1.62x bf16 from 4096 rows
-    at N >= 4096). The epilogue subtiling and loop flattening are ``--sweep`` candidates until a
-    run shows them faster."""
+def choose_int8_tma_config(m: int, n: int, k: int | None = None) -> Int8GemmConfig:
+    """Tiles for the persistent TMA kernel: the tiled kernel's below 1024 rows; above, by shape
+    class, the fastest of the H100 sweep (Triton 3.6, ``scripts/results/w8a8_gemm_h100_sweep2.json``,
+    4 stages, epilogue in halves, flattened loops): 256 x 128 x 128 for wide outputs (N > 8192,
+    gate/up_proj: 1.57-1.60x bf16 from 2048 rows) and long sums (K > 8192, down_proj: 1.63-1.67x
+    from 4096), 128 x 256 x 128 otherwise (q/o_proj: 1.53-1.55x; 256 x 128 within 1% there). With
+    bf16 or fp16 output both need 229,408 bytes of shared memory (H100: 232,448); a float32 output
+    does not fit, and ``fit_shared_memory`` drops a stage."""
     if m < 1024:
         return choose_int8_config(m, n)
-    return Int8GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=3)
+    if n > 8192 or (k is not None and k > 8192):
+        return Int8GemmConfig(256, 128, 128, group_m=8, num_warps=8, num_stages=4, epilogue_subtile=True,
+                              flatten=True)
+    return Int8GemmConfig(128, 256, 128, group_m=8, num_warps=8, num_stages=4, epilogue_subtile=True, flatten=True)
+
+
+# --- shared memory ---------------------------------------------------------------------------------
+
+
+def shared_memory_bytes(config: Int8GemmConfig, out_bytes: int, tma: bool) -> int:
+    """Shared memory a launch of ``config`` takes, as Triton 3.6 lays it out on Hopper: one int8 A
+    (BLOCK_M, BLOCK_K) and B (BLOCK_N, BLOCK_K) tile per pipeline stage; the TMA kernel adds the
+    output tile (half of it with ``epilogue_subtile``) staged for its store and an 8-byte barrier
+    per stage. 128 x 256 x 128 in 3 stages with a float32 output: 278,552 bytes, what the H100
+    refused (OutOfResources, limit 232,448). The tiled kernel's epilogue reuses the stages' memory."""
+    stages = config.num_stages * (config.block_m + config.block_n) * config.block_k
+    if not tma:
+        return stages
+    store_n = config.block_n // 2 if config.epilogue_subtile else config.block_n
+    return stages + config.block_m * store_n * out_bytes + 8 * config.num_stages
+
+
+def _smaller(config: Int8GemmConfig, tma: bool) -> Int8GemmConfig | None:
+    """The next smaller config: the TMA epilogue in halves, then fewer stages (down to 2), then
+    shorter K blocks (down to 32), then the larger of the M and N blocks halved (down to 16)."""
+    if tma and not config.epilogue_subtile and config.block_n >= 32:
+        return dataclasses.replace(config, epilogue_subtile=True)
+    if config.num_stages > 2:
+        return dataclasses.replace(config, num_stages=config.num_stages - 1)
+    if config.block_k > 32:
+        return dataclasses.replace(config, block_k=config.block_k // 2)
+    if max(config.block_m, config.block_n) > 16:
+        if config.block_m >= config.block_n:
+            return dataclasses.replace(config, block_m=config.block_m // 2)
+        return dataclasses.replace(config, block_n=config.block_n // 2)
+    return None
+
+
+def fit_shared_memory(config: Int8GemmConfig, out_bytes: int, tma: bool, limit: int | None) -> Int8GemmConfig:
+    """``config``, or the first smaller one (``_smaller``) whose ``shared_memory_bytes`` fit in
+    ``limit`` (no limit: unchanged); ValueError when even the smallest does not."""
+    if limit is None:
+        return config
+    fitted = config
+    while shared_memory_bytes(fitted, out_bytes, tma) > limit:
+        fitted = _smaller(fitted, tma)
+        if fitted is None:
+            raise ValueError(f"no INT8 GEMM tile from {config} fits in {limit} bytes of shared memory")
+    return fitted
+
+
+@functools.cache
+def _shared_memory_limit(index: int) -> int | None:
+    """The device's shared memory per block (opt-in maximum: 232,448 bytes on an H100)."""
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 - another driver or Triton layout: launch and see
+        limit = getattr(torch.cuda.get_device_properties(index), "shared_memory_per_block_optin", 0)
+        return int(limit) or None
+
+
+_FITTED: dict[tuple, Int8GemmConfig] = {}
+
+
+def _launch_fitting(launch, config: Int8GemmConfig, out_dtype: torch.dtype, tma: bool, device: torch.device):
+    """``launch(config)`` with ``config`` shrunk to the device's shared memory; should Triton still
+    refuse it (OutOfResources: the estimate is Triton 3.6's layout), the next smaller config, and
+    so on; the config that ran is remembered per (config, dtype, kernel, device)."""
+    from triton.runtime.errors import OutOfResources
+
+    key = (config, out_dtype, tma, device)
+    fitted = _FITTED.get(key)
+    if fitted is None:
+        limit = _shared_memory_limit(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else None
+        fitted = fit_shared_memory(config, torch.empty((), dtype=out_dtype).element_size(), tma, limit)
+    while True:
+        try:
+            out = launch(fitted)
+        except OutOfResources:
+            smaller = _smaller(fitted, tma)
+            if smaller is None:
+                raise
+            fitted = smaller
+            continue
+        _FITTED[key] = fitted
+        return out
 
 
 @triton.jit
@@ -161,16 +263,18 @@ def int8_gemm_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return out
-    config = config or choose_int8_config(m, n)
-    grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
-    _int8_gemm_kernel[grid](
-        a, b, a_scale.reshape(-1), b_scale.reshape(-1), bias if bias is not None else b_scale, out,
-        m, n, k, a.stride(0), b.stride(0), out.stride(0),
-        A_PER_ROW=a_scale.numel() != 1 or m == 1, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    return out
+    def launch(config):
+        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+        _int8_gemm_kernel[grid](
+            a, b, a_scale.reshape(-1), b_scale.reshape(-1), bias if bias is not None else b_scale, out,
+            m, n, k, a.stride(0), b.stride(0), out.stride(0),
+            A_PER_ROW=a_scale.numel() != 1 or m == 1, HAS_BIAS=bias is not None, EVEN_K=k % config.block_k == 0,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+        return out
+
+    return _launch_fitting(launch, config or choose_int8_config(m, n), out_dtype, False, a.device)
 
 
 # --- persistent TMA variant (Hopper) --------------------------------------------------------------
@@ -181,8 +285,8 @@ def int8_gemm_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_
 # one software-pipelined loop (loads of the next tile overlap this tile's epilogue) and the
 # epilogue recomputes its tile from its own counter (``tile_c``), as the Triton tutorial
 # ``09-persistent-matmul.py`` does; ``epilogue_subtile`` stores the tile in two halves along N.
-# Opt-in (``QUANTKIT_INT8_GEMM=tma`` or ``bench_w8a8_gemm.py``) until measured against the
-# default kernel; needs K a multiple of 16 and N of 8 (16-byte aligned rows).
+# ``int8_linear``'s ``auto`` takes it for large GEMMs on Hopper (``int8_linear._tma_pays``);
+# needs K a multiple of 16 and N of 8 (16-byte aligned rows).
 
 
 @triton.jit
@@ -212,6 +316,7 @@ def _int8_gemm_tma_kernel(
     NUM_PROGRAMS: tl.constexpr,
     EPILOGUE_SUBTILE: tl.constexpr,
     FLATTEN: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
     STORE_N: tl.constexpr,
 ):
     a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -222,7 +327,8 @@ def _int8_gemm_tma_kernel(
     per_group = GROUP_M * num_n
     k_tiles = tl.cdiv(K, BLOCK_K)
     tile_c = tl.program_id(0) - NUM_PROGRAMS  # the epilogue's own tile counter (see above)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN):
+    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
         pid_m, pid_n = _tile_coordinates(tile, num_m, per_group, GROUP_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
         for ki in range(k_tiles):
@@ -267,20 +373,22 @@ def int8_gemm_tma_triton(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor
     out = torch.empty(m, n, dtype=out_dtype, device=a.device)
     if m == 0:
         return out
-    config = config or choose_int8_tma_config(m, n)
     if a.is_cuda:
         triton.set_allocator(_scratch)  # device-side descriptors need a little global scratch memory
-        programs = torch.cuda.get_device_properties(a.device).multi_processor_count
+        processors = torch.cuda.get_device_properties(a.device).multi_processor_count
     else:
-        programs = 4
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    programs = min(programs, tiles)
-    _int8_gemm_tma_kernel[(programs,)](
-        a, b, a_scale.reshape(-1), b_scale.reshape(-1), bias if bias is not None else b_scale, out, m, n, k,
-        A_PER_ROW=a_scale.numel() != 1 or m == 1, HAS_BIAS=bias is not None, BLOCK_M=config.block_m,
-        BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_PROGRAMS=programs,
-        EPILOGUE_SUBTILE=config.epilogue_subtile, FLATTEN=config.flatten,
-        STORE_N=config.block_n // 2 if config.epilogue_subtile else config.block_n,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    return out
+        processors = 4
+
+    def launch(config):
+        programs = min(processors, triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n))
+        _int8_gemm_tma_kernel[(programs,)](
+            a, b, a_scale.reshape(-1), b_scale.reshape(-1), bias if bias is not None else b_scale, out, m, n, k,
+            A_PER_ROW=a_scale.numel() != 1 or m == 1, HAS_BIAS=bias is not None, BLOCK_M=config.block_m,
+            BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_PROGRAMS=programs,
+            EPILOGUE_SUBTILE=config.epilogue_subtile, FLATTEN=config.flatten, WARP_SPECIALIZE=config.warp_specialize,
+            STORE_N=config.block_n // 2 if config.epilogue_subtile else config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )  # fmt: skip
+        return out
+
+    return _launch_fitting(launch, config or choose_int8_tma_config(m, n, k), out_dtype, True, a.device)

@@ -10,8 +10,9 @@ with int32 sums, scale in the epilogue. Three implementations of one function:
 
 ``int8_linear`` picks: Triton on CUDA (``kernels/backend.py``), ``torch._int_mm`` on the CPU
 (exact and much faster than float64), the reference with ``QUANTKIT_KERNELS=reference``.
-The Triton GEMM is the tiled kernel, or from 4096 rows at N >= 4096 on Hopper its persistent
-tensor-descriptor variant (``int8_gemm_tma_triton``, same results), where that measured faster;
+The Triton GEMM is the tiled kernel, or on Hopper its persistent tensor-descriptor variant
+(``int8_gemm_tma_triton``, same results) where that measured faster: from 2048 rows for N > 8192
+or K > 8192, from 4096 rows at N >= 4096 otherwise (``_tma_pays``);
 ``QUANTKIT_INT8_GEMM=tiled`` or ``tma`` forces one.
 """
 
@@ -75,11 +76,22 @@ def int8_linear_triton(x: torch.Tensor, packed: W8A8Weight, bias: torch.Tensor |
     return y.reshape(*x.shape[:-1], packed.out_features)
 
 
-# ``auto``: the persistent TMA kernel where it measured faster than the tiled one (H100, Triton 3.6,
-# ``scripts/results/w8a8_gemm_h100_sweep.json``: at N >= 4096, against the best swept tiled tile,
-# 3-7% faster at 8192 rows, -2% to +7% at 4096; slower for k/v_proj's N = 1024 and below 4096 rows).
+# ``auto``: the persistent TMA kernel where it measured faster than the best swept tiled tile (H100,
+# Triton 3.6, ``scripts/results/w8a8_gemm_h100_sweep2.json``, defaults of ``choose_int8_tma_config``):
+# from 2048 rows for wide outputs or long sums (gate/up_proj: 1.57x bf16 against 1.45x at 2048
+# rows, 1.60x against 1.42x at 8192; down_proj: 1.64x against 1.61x at 2048, 1.67x against
+# 1.43x at 8192), from 4096 rows otherwise (q/o_proj: 1.55x against 1.50x at 4096, 1.53x
+# against 1.43x at 8192; the tiled 128 x 128 x 128 was faster at 2048 rows, 1.56x against 1.47x);
+# never for k/v_proj's N = 1024 (tiled 1.62x against 1.38x at 4096 rows).
 TMA_FROM_ROWS = 4096
+TMA_FROM_ROWS_LARGE = 2048  # N > 8192 or K > 8192
 TMA_MIN_N = 4096
+
+
+def _tma_pays(m: int, n: int, k: int) -> bool:
+    """Whether ``auto`` takes the persistent TMA kernel for an (M, K) x (K, N) GEMM."""
+    large = n > 8192 or k > 8192
+    return n >= TMA_MIN_N and m >= (TMA_FROM_ROWS_LARGE if large else TMA_FROM_ROWS)
 
 
 def _triton_gemm():
@@ -96,7 +108,7 @@ def _triton_gemm():
     def chosen(a, a_scale, b, b_scale, bias, out_dtype, config=None):
         fits = a.shape[1] % 16 == 0 and b.shape[0] % 8 == 0 and _has_tma(a.device)
         if choice == "auto":
-            fits = fits and config is None and a.shape[0] >= TMA_FROM_ROWS and b.shape[0] >= TMA_MIN_N
+            fits = fits and config is None and _tma_pays(a.shape[0], b.shape[0], a.shape[1])
         if fits:
             return int8_gemm_tma_triton(a, a_scale, b, b_scale, bias, out_dtype, config)
         return int8_gemm_triton(a, a_scale, b, b_scale, bias, out_dtype, config)

@@ -41,8 +41,15 @@ def storage_dtype(kind: str) -> torch.dtype:
 
 
 def scale_from_absmax(absmax: torch.Tensor, kind: str) -> torch.Tensor:
-    """float32 scales that map ``absmax`` onto the largest code."""
-    return (absmax.to(torch.float32) / qmax(kind)).clamp_min(MIN_SCALE)
+    """float32 scales that map ``absmax`` onto the largest code: ``absmax / qmax`` correctly rounded
+    on every device.
+
+    Divided by a tensor, not a Python number: on CUDA torch turns ``t / number`` into
+    ``t * (1 / number)`` (``div_true_kernel_cuda``), a rounding step off ``absmax / qmax`` for some
+    values, so GPU scales differed from the CPU's and from the Triton kernels' (which divide with
+    ``tl.math.div_rn``) by one ulp (1 row in 64 for INT8, half the rows for FP8 on the H100)."""
+    absmax = absmax.to(torch.float32)
+    return torch.div(absmax, torch.full_like(absmax, qmax(kind))).clamp_min(MIN_SCALE)
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, kind: str) -> torch.Tensor:

@@ -26,11 +26,12 @@ the same run; TFLOPS count 2·M·N·K. The memory limit is the bytes one call mu
 y) over the device-to-device copy bandwidth measured in the same run. The issue's target: from
 4096 tokens, INT8 and FP8 at least 1.6x bf16.
 
-    python scripts/gpu/bench_w8a8_gemm.py --out results.json [--sweep] [--tokens 1,16,4096] [--dry-run]
+    python scripts/gpu/bench_w8a8_gemm.py --out results.json [--sweep [--warp-specialize]] [--tokens 1,16,4096] [--dry-run]
 
 ``--sweep`` also times other tiles of the INT8 Triton kernel and, from 1024 rows, of its
-persistent TMA variant (with and without epilogue subtiling and loop flattening), recording every
-time and the fastest per case;
+persistent TMA variant (with and without epilogue subtiling and loop flattening; with
+``--warp-specialize`` also with Triton's automatic warp specialization), recording every time and
+the fastest per case;
 ``--dry-run`` runs tiny shapes on the CPU (float32, the CPU implementations): a smoke test.
 """
 
@@ -72,7 +73,7 @@ def device_time_us(calls: list[Callable[[], object]], device: str, repeats: int 
 
 
 def bench_shape(name: str, k: int, n: int, tokens: list[int], device: str, dtype: torch.dtype, bandwidth: float,
-                sweep: bool) -> list[dict]:
+                sweep: bool, warp_specialize: bool = False) -> list[dict]:
     from quantkit.kernels.fp8_linear import fp8_linear_scaled_mm, fp8_supported
     from quantkit.kernels.int8_linear import int8_linear_int_mm, int8_linear_reference
 
@@ -115,7 +116,7 @@ def bench_shape(name: str, k: int, n: int, tokens: list[int], device: str, dtype
             except Exception as exc:  # noqa: BLE001 - an experimental kernel must not stop the run
                 print(f"  int8 tma gemm failed: {type(exc).__name__}: {exc}", flush=True)
             if sweep:
-                row["sweep"] = _sweep_int8(q_int, int8s, dtype, device, m, n)
+                row["sweep"] = _sweep_int8(q_int, int8s, dtype, device, m, n, warp_specialize)
         else:
             times["int8 reference"] = device_time_us(
                 [lambda x=x, p=p: int8_linear_reference(x, p) for x, p in zip(xs, int8s)], device)
@@ -207,27 +208,36 @@ TILED_CANDIDATES = (  # (block_m, block_n, block_k, num_warps, num_stages, group
     (128, 128, 256, 8, 3, 8), (256, 256, 64, 8, 3, 8), (128, 256, 128, 8, 3, 16),
 )
 # the persistent TMA kernel from PERSISTENT_FROM_TOKENS rows: (block_m, block_n, block_k, num_warps,
-# num_stages, group_m, epilogue_subtile, flatten); the first is its default, the fifth the variant
-# measured before (no subtiling, no flattening)
+# num_stages, group_m, epilogue_subtile, flatten[, warp_specialize]); the sixth and second are the
+# defaults (``choose_int8_tma_config``: the fastest of the second H100 sweep, 256 x 128 for gate/up
+# and down_proj, 128 x 256 for q/o_proj); WARP_SPECIALIZED ones Triton's automatic warp specialization
+# (Hopper: without flattening, as Triton's 09-persistent-matmul tutorial does), not yet measured and
+# timed only with ``--warp-specialize`` (a compiler crash in that pass must not cost the whole sweep)
 PERSISTENT_CANDIDATES = (
     (128, 256, 128, 8, 3, 8, True, True), (128, 256, 128, 8, 4, 8, True, True),
     (128, 256, 128, 8, 3, 8, False, True), (128, 256, 128, 8, 3, 8, True, False),
-    (128, 256, 128, 8, 3, 8, False, False), (256, 128, 128, 8, 3, 8, True, True),
-    (256, 128, 128, 8, 4, 8, True, True), (128, 128, 128, 8, 4, 8, False, True),
+    (128, 256, 128, 8, 3, 8, False, False), (256, 128, 128, 8, 4, 8, True, True),
+    (256, 128, 128, 8, 3, 8, True, True), (128, 128, 128, 8, 4, 8, False, True),
     (128, 128, 128, 4, 4, 8, False, True), (128, 128, 128, 8, 5, 8, True, True),
     (128, 256, 64, 8, 5, 8, True, True), (128, 128, 256, 8, 3, 8, True, True),
     (128, 256, 128, 8, 3, 16, True, True), (256, 128, 64, 8, 5, 8, True, True),
+)
+WARP_SPECIALIZED = (
+    (128, 256, 128, 8, 3, 8, True, False, True), (256, 128, 128, 8, 3, 8, True, False, True),
+    (128, 256, 64, 8, 4, 8, True, False, True), (128, 128, 128, 4, 4, 8, False, False, True),
+    (128, 128, 128, 8, 4, 8, True, False, True),
 )
 PERSISTENT_FROM_TOKENS = 1024
 
 
 def _sweep_label(kernel: str, config) -> str:
-    extras = ("" if not config.epilogue_subtile else " subtile") + ("" if not config.flatten else " flat")
+    extras = ("" if not config.epilogue_subtile else " subtile") + ("" if not config.flatten else " flat") + (
+        " ws" if config.warp_specialize else "")
     return (f"{kernel} {config.block_m}x{config.block_n}x{config.block_k} g{config.group_m} w{config.num_warps} "
             f"s{config.num_stages}{extras}")
 
 
-def _sweep_int8(q_int, int8s, dtype, device, m, n) -> dict:
+def _sweep_int8(q_int, int8s, dtype, device, m, n, warp_specialize: bool = False) -> dict:
     """Every candidate's time (``all_us``) and the fastest: the tiled kernel's tiles that fit the
     rows, and from PERSISTENT_FROM_TOKENS rows the persistent TMA kernel's."""
     from quantkit.kernels.int8_gemm_triton import (
@@ -240,8 +250,10 @@ def _sweep_int8(q_int, int8s, dtype, device, m, n) -> dict:
                   for bm, bn, bk, w, s, g in TILED_CANDIDATES if bm <= max(16, 2 * m)]
     if m >= PERSISTENT_FROM_TOKENS:
         candidates += [("tma", int8_gemm_tma_triton, Int8GemmConfig(bm, bn, bk, group_m=g, num_warps=w, num_stages=s,
-                                                                    epilogue_subtile=sub, flatten=flat))
-                       for bm, bn, bk, w, s, g, sub, flat in PERSISTENT_CANDIDATES]
+                                                                    epilogue_subtile=sub, flatten=flat,
+                                                                    warp_specialize=bool(ws and ws[0])))
+                       for bm, bn, bk, w, s, g, sub, flat, *ws in
+                       PERSISTENT_CANDIDATES + (WARP_SPECIALIZED if warp_specialize else ())]
     best, every = {}, {}
     for kernel, gemm, config in candidates:
         label = _sweep_label(kernel, config)
@@ -308,6 +320,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="JSON file to write")
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
+    ap.add_argument("--warp-specialize", action="store_true",
+                    help="with --sweep: also the TMA kernel with Triton's automatic warp specialization")
     ap.add_argument("--shapes", default=None, help="comma-separated subset of: " + "; ".join(LLAMA3_8B_LINEARS))
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU")
@@ -334,7 +348,8 @@ def main() -> None:
     print(json.dumps(info), flush=True)
     rows = []
     for name, (k, n) in shapes.items():
-        rows += bench_shape(name, k, n, tokens, device, dtype, bandwidth, args.sweep and device == "cuda")
+        rows += bench_shape(name, k, n, tokens, device, dtype, bandwidth, args.sweep and device == "cuda",
+                            args.warp_specialize)
     lines = summary(rows)
     print("\n".join(lines))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,10 @@ for phase in "$@"; do
         > "$OUT/gpu_tests_helpers.txt" 2>&1 ;;
     w8a8-sweep)
       timeout 300 python scripts/gpu/bench_w8a8_gemm.py --sweep --out "$OUT/w8a8_gemm.json" > "$OUT/w8a8_gemm.txt" 2>&1 ;;
+    w8a8-sweep-ws)
+      # issue 6: the INT8 TMA kernel with Triton's automatic warp specialization, from 2048 tokens
+      timeout 300 python scripts/gpu/bench_w8a8_gemm.py --sweep --warp-specialize --tokens 2048,4096,8192 \
+        --out "$OUT/w8a8_gemm_ws.json" > "$OUT/w8a8_gemm_ws.txt" 2>&1 ;;
     fp8-accum)
       # issue 6: FP8 fast accumulation's GEMM error at 8B shapes and the bundled target's fp8-dynamic perplexity, on and off
       timeout 300 python scripts/gpu/check_fp8_fast_accum.py --out "$OUT/fp8_fast_accum.json" > "$OUT/fp8_fast_accum.txt" 2>&1 ;;
