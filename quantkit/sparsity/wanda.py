@@ -8,6 +8,10 @@ within each output row (``comparison="row"``, the default); ``"layer"`` compares
 The statistic is a plain sum per input channel (``Σ x_j²``) and a token count, so data-parallel
 ranks all-reduce it exactly like GPTQ's Hessians before anyone prunes (see
 ``pipeline/data_parallel.py``).
+
+Both the sums and the scores are float64 (one vector per linear, one score matrix at a time):
+two scores that round to the same float32 would otherwise tie and be broken by position, not by
+which is truly smaller.
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ class InputNorms:
 
     @property
     def norms(self) -> torch.Tensor:
-        """``||X_j||_2`` over every token added (in,) float32."""
-        return self._raw_sum().sqrt().to(torch.float32)
+        """``||X_j||_2`` over every token added (in,) float64."""
+        return self._raw_sum().sqrt()
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add activations (..., in_features): every leading index is one token."""
@@ -48,7 +52,7 @@ class InputNorms:
             raise ValueError(f"expected activations with last dimension {self.in_features}, got shape {tuple(x.shape)}")
         tokens = x.detach().reshape(-1, self.in_features)
         total = self._raw_sum(tokens.device)
-        total += tokens.to(total.device, torch.float32).square().sum(0, dtype=total.dtype)
+        total += tokens.to(total.device, torch.float64).square().sum(0)
         self._count += tokens.shape[0]
 
     def all_reduce(self, group) -> None:
@@ -61,16 +65,16 @@ class InputNorms:
     def _raw_sum(self, device: torch.device | None = None) -> torch.Tensor:
         if self._sum is None:
             place = self._device or device or torch.device("cpu")
-            # float64 on the CPU, as the Hessian sums: the result does not depend on how the
-            # tokens were split over batches or ranks
-            dtype = torch.float64 if place.type == "cpu" else torch.float32
-            self._sum = torch.zeros(self.in_features, dtype=dtype, device=place)
+            # float64 on every device (one vector): squares of float32 inputs are exact, the sum
+            # barely depends on how the tokens were split over batches or ranks, and scores that
+            # float32 cannot tell apart are still ordered
+            self._sum = torch.zeros(self.in_features, dtype=torch.float64, device=place)
         return self._sum
 
 
 def wanda_scores(weight: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
-    """``|W_ij| * ||X_j||`` for ``weight`` (out, in) and ``norms`` (in,)."""
-    return weight.detach().abs().float() * norms.to(weight.device, torch.float32).unsqueeze(0)
+    """``|W_ij| * ||X_j||`` (out, in) float64 for ``weight`` (out, in) and ``norms`` (in,)."""
+    return weight.detach().abs().double() * norms.to(weight.device, torch.float64).unsqueeze(0)
 
 
 def wanda_keep_mask(weight: torch.Tensor, norms: torch.Tensor, structure: MaskStructure, sparsity: float,

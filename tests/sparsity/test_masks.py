@@ -91,14 +91,29 @@ def test_wanda_statistic_and_score():
     for chunk in x.split(2):  # batches of any size give the norm over every token
         norms.add_batch(chunk)
     assert norms.num_tokens == 150
-    torch.testing.assert_close(norms.norms, x.reshape(-1, 16).norm(dim=0))
+    torch.testing.assert_close(norms.norms, x.reshape(-1, 16).double().norm(dim=0))
     w = torch.randn(8, 16, generator=torch.Generator().manual_seed(2))
-    torch.testing.assert_close(wanda_scores(w, norms.norms), w.abs() * x.reshape(-1, 16).norm(dim=0))
+    torch.testing.assert_close(wanda_scores(w, norms.norms), w.double().abs() * x.reshape(-1, 16).double().norm(dim=0))
     # a channel with a huge input keeps its weights even when they are small
     big = torch.ones(16)
     big[3] = 1e3
     keep = wanda_keep_mask(w, big, MaskStructure(), 0.5, "row")
     assert keep[:, 3].all() and ((~keep).sum(1) == 8).all()
+
+
+@pytest.mark.parametrize("structure", [MaskStructure(2, 4), MaskStructure()])
+def test_wanda_float32_tie_goes_to_the_truly_smaller_score(structure):
+    # column 0 scores (1 + 2^-23)^2 = 1 + 2^-22 + 2^-46, column 1 scores (1 + 2^-22) * 1: equal in
+    # float32, so a float32 score would prune the earlier column; the float64 one prunes column 1
+    up = 1 + 2.0**-23
+    norms = InputNorms(4)
+    norms.add_batch(torch.tensor([[up, 1.0, 1.0, 1.0]]))
+    w = torch.tensor([[up, 1 + 2.0**-22, 0.5, 4.0]])
+    s = wanda_scores(w, norms.norms)
+    assert s.dtype == torch.float64 and s[0, 1] < s[0, 0]
+    assert s.float()[0, 0] == s.float()[0, 1]
+    assert keep_mask(s.float(), structure, 0.5).tolist() == [[False, True, False, True]]
+    assert wanda_keep_mask(w, norms.norms, structure, 0.5).tolist() == [[True, False, False, True]]
 
 
 class _FakeRanks:
