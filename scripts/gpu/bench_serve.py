@@ -15,6 +15,16 @@ the load generator asks for token log-probabilities (``--logprobs``) so every to
    prefix cache;
 3. the overhead: 1 - (output tokens/s through HTTP at inf) / (output tokens/s of the engine alone).
 
+Both sides are warmed up, untimed, before they are measured (``--no-warmup`` skips it), so neither
+pays for Triton compiling (or loading from its disk cache) the kernel variants the workload's
+shapes need, the allocator's growth or first-use library set-up while the clock runs: the engine
+alone first serves the whole workload once with other prompts (the same lengths, so the same
+batches and kernel variants; CUDA graphs are captured when the engine is built); the server
+(with ``--engine-process``, a fresh child process that compiles and captures on its own) first
+gets ``quantkit bench serve`` at inf and at the fastest finite rate on another seed (fresh prompts,
+so the measured runs never hit the prefix cache). ``bench_serve.json``'s ``warmup`` records what
+ran and how long it took.
+
 Everything goes to ``--out``: ``bench_serve.json`` (rewritten after every step, so a run cut
 short keeps what it measured), ``serve_bench.json`` and ``serve_bench.png`` from the load
 generator, ``metrics.txt`` (the server's Prometheus text at the end).
@@ -33,6 +43,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,8 +54,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import LLAMA3_8B, TINY, quantize_w4a16_in_place, random_model
 
-from quantkit.eval.latency import close_engine, engine_setup, open_engine
-from quantkit.eval.throughput import BenchConfig, engine_runs, parse_len_range
+from quantkit.eval.latency import (
+    close_engine,
+    engine_setup,
+    make_clock,
+    open_engine,
+    token_id_limit,
+)
+from quantkit.eval.throughput import (
+    BenchConfig,
+    engine_runs,
+    make_workload,
+    parse_len_range,
+    run_workload,
+)
 
 FULL = {"num_requests": 128, "input_len_range": "128,1024", "output_len_range": "64,256", "rates": "inf,2,4,8,16"}
 SMALL = {"num_requests": 12, "input_len_range": "8,32", "output_len_range": "4,12", "rates": "inf,20"}
@@ -74,14 +97,50 @@ def bench_config(args) -> BenchConfig:
                        output_len_range=parse_len_range(args.output_len_range, "--output-len-range")).check()
 
 
+WARMUP_VARIANT = 1000  # prompt tokens of the engine-alone warm-up: (seed, 1000); the timed run's are (seed, 1)
+WARMUP_SEED_OFFSET = 1  # the server's warm-up load: seed + 1 (other lengths and prompts)
+
+
 def engine_alone(loaded, args) -> dict:
     engine = open_engine(loaded, **engine_options(args))
+    warmup = None
     try:
         setup = engine_setup(engine, loaded.path, args.device)
-        runs, _ = engine_runs(engine, bench_config(args), args.device, None, progress=False)
+        config = bench_config(args)
+        if not args.no_warmup:  # the whole workload once, untimed: same lengths, other prompts
+            workload = make_workload(config, token_id_limit(engine), variant=WARMUP_VARIANT)
+            started = time.perf_counter()
+            run = run_workload(engine, workload, None, make_clock(args.device))
+            warmup = {"what": f"the workload's {len(workload)} requests once (same lengths, prompt tokens from "
+                              f"(seed, {WARMUP_VARIANT})), all at once, untimed",
+                      "seconds": time.perf_counter() - started, "output_tokens_per_s": run["output_tokens_per_s"]}
+        runs, _ = engine_runs(engine, config, args.device, None, progress=False)
     finally:
         close_engine(engine)
-    return {"setup": setup, "run": runs[0]}
+    return {"setup": setup, "run": runs[0], "warmup": warmup}
+
+
+def warm_up_server(server, args) -> dict:
+    """Untimed load on the server before the measured runs: ``quantkit bench serve`` at inf and at
+    the fastest finite rate of the sweep, on another seed (so no measured prompt is cached)."""
+    rates = [r.strip() for r in args.rates.split(",")]
+    finite = [float(r) for r in rates if not r.lower().startswith("inf")]
+    warm_rates = "inf" + (f",{max(finite):g}" if finite else "")
+    seed = args.seed + WARMUP_SEED_OFFSET
+    with tempfile.TemporaryDirectory(prefix="bench-serve-warmup-") as scratch:
+        target = Path(scratch) / "warmup.json"
+        command = [sys.executable, "-m", "quantkit", "bench", "serve", server.base, "--num-requests",
+                   str(args.num_requests), "--input-len-range", args.input_len_range, "--output-len-range",
+                   args.output_len_range, "--seed", str(seed), "--request-rate", warm_rates, "--logprobs",
+                   "--json", str(target)]
+        started = time.perf_counter()
+        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - started
+        runs = json.loads(target.read_text())["runs"]
+    return {"what": f"quantkit bench serve at {warm_rates} req/s, seed {seed}, {args.num_requests} requests per rate, "
+                    "untimed", "seconds": seconds,
+            "runs": [{"request_rate": r["request_rate"], "output_tokens_per_s": r["output_tokens_per_s"],
+                      "failed": r["failed"], "ttft_median_s": r["ttft_s"]["median"]} for r in runs]}
 
 
 def build_model(shape: dict, device: str, kind: str):
@@ -166,6 +225,10 @@ def summary(results: dict) -> list[str]:
                      f"tokens/s, TTFT p50/p99 {1e3 * run_['ttft_s']['median']:.0f}/{1e3 * run_['ttft_s']['p99']:.0f} ms, "
                      f"TPOT p50/p99 {1e3 * run_['tpot_s']['median']:.1f}/{1e3 * run_['tpot_s']['p99']:.1f} ms, "
                      f"failed {run_['failed']}")
+    warmup = results.get("warmup") or {}
+    if warmup:
+        done = [f"{k} {v['seconds']:.0f} s" for k, v in warmup.items() if v]
+        lines.append("untimed warm-ups: " + (", ".join(done) if done else "none"))
     overhead = results.get("http_overhead")
     if overhead:
         lines.append(f"HTTP overhead at saturation: {100 * overhead['throughput_loss']:.1f}% of output tokens/s "
@@ -189,6 +252,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--load-timeout", type=float, default=600.0)
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="skip the untimed warm-ups of the engine alone and of the server (not comparable)")
     ap.add_argument("--engine-process", action="store_true",
                     help="run the server's engine in its own process (quantkit serve --engine-process)")
     args = ap.parse_args()
@@ -218,6 +283,7 @@ def main() -> None:
     save(results, out)
 
     results["engine_alone"] = engine_alone(loaded, args)
+    results["warmup"] = {"engine_alone": results["engine_alone"].pop("warmup"), "server": None}
     save(results, out)
     print("\n".join(summary(results)), flush=True)
 
@@ -232,6 +298,10 @@ def main() -> None:
             torch.cuda.empty_cache()
     server = InProcessServer(loaded, args, shape)
     try:
+        if not args.no_warmup:
+            print("warming up the server (untimed)", flush=True)
+            results["warmup"]["server"] = warm_up_server(server, args)
+            save(results, out)
         command = [sys.executable, "-m", "quantkit", "bench", "serve", server.base, "--num-requests",
                    str(args.num_requests), "--input-len-range", args.input_len_range, "--output-len-range",
                    args.output_len_range, "--seed", str(args.seed), "--request-rate", args.rates, "--logprobs",
