@@ -21,8 +21,8 @@ shapes need, the allocator's growth or first-use library set-up while the clock 
 alone first serves the whole workload once with other prompts (the same lengths, so the same
 batches and kernel variants; CUDA graphs are captured when the engine is built); the server
 (with ``--engine-process``, a fresh child process that compiles and captures on its own) first
-gets ``quantkit bench serve`` at inf and at the fastest finite rate on another seed (fresh prompts,
-so the measured runs never hit the prefix cache). ``bench_serve.json``'s ``warmup`` records what
+gets ``quantkit bench serve`` on another seed (fresh prompts, so the measured runs never hit the
+prefix cache): the whole workload at inf, then a quarter of it at the fastest finite rate. ``bench_serve.json``'s ``warmup`` records what
 ran and how long it took.
 
 Everything goes to ``--out``: ``bench_serve.json`` (rewritten after every step, so a run cut
@@ -121,26 +121,26 @@ def engine_alone(loaded, args) -> dict:
 
 
 def warm_up_server(server, args) -> dict:
-    """Untimed load on the server before the measured runs: ``quantkit bench serve`` at inf and at
-    the fastest finite rate of the sweep, on another seed (so no measured prompt is cached)."""
-    rates = [r.strip() for r in args.rates.split(",")]
-    finite = [float(r) for r in rates if not r.lower().startswith("inf")]
-    warm_rates = "inf" + (f",{max(finite):g}" if finite else "")
+    """Untimed load on the server before the measured runs, on another seed (so no measured prompt
+    is cached): ``quantkit bench serve`` with the whole workload at inf, then a quarter of it at
+    the fastest finite rate of the sweep (small batches: single prefills among decodes)."""
+    finite = [float(r) for r in args.rates.split(",") if not r.strip().lower().startswith("inf")]
     seed = args.seed + WARMUP_SEED_OFFSET
+    plan = [("inf", args.num_requests)] + ([(f"{max(finite):g}", max(1, args.num_requests // 4))] if finite else [])
+    done, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-serve-warmup-") as scratch:
-        target = Path(scratch) / "warmup.json"
-        command = [sys.executable, "-m", "quantkit", "bench", "serve", server.base, "--num-requests",
-                   str(args.num_requests), "--input-len-range", args.input_len_range, "--output-len-range",
-                   args.output_len_range, "--seed", str(seed), "--request-rate", warm_rates, "--logprobs",
-                   "--json", str(target)]
-        started = time.perf_counter()
-        subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
-        seconds = time.perf_counter() - started
-        runs = json.loads(target.read_text())["runs"]
-    return {"what": f"quantkit bench serve at {warm_rates} req/s, seed {seed}, {args.num_requests} requests per rate, "
-                    "untimed", "seconds": seconds,
-            "runs": [{"request_rate": r["request_rate"], "output_tokens_per_s": r["output_tokens_per_s"],
-                      "failed": r["failed"], "ttft_median_s": r["ttft_s"]["median"]} for r in runs]}
+        for rate, count in plan:
+            target = Path(scratch) / "warmup.json"
+            command = [sys.executable, "-m", "quantkit", "bench", "serve", server.base, "--num-requests", str(count),
+                       "--input-len-range", args.input_len_range, "--output-len-range", args.output_len_range,
+                       "--seed", str(seed), "--request-rate", rate, "--logprobs", "--json", str(target)]
+            subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+            run = json.loads(target.read_text())["runs"][0]
+            done.append({"request_rate": run["request_rate"], "num_requests": count, "failed": run["failed"],
+                         "output_tokens_per_s": run["output_tokens_per_s"], "ttft_median_s": run["ttft_s"]["median"]})
+    return {"what": "quantkit bench serve, untimed, seed " + str(seed) + ": "
+                    + ", ".join(f"{count} requests at {rate} req/s" for rate, count in plan),
+            "seconds": time.perf_counter() - started, "runs": done}
 
 
 def build_model(shape: dict, device: str, kind: str):
