@@ -14,8 +14,9 @@ Reported, per run (``--repeats`` alternating pairs, medians):
 
 * engine alone: the same workload driven by a plain loop over ``step()``; output tokens/s and
   step time;
-* served: output tokens/s at request rate inf, step time (how much the server slows the engine
-  loop), and the server's host CPU per streamed token: the process's CPU time minus what the
+* served: output tokens/s, TTFT and TPOT medians at request rate inf, step time (how much the
+  server slows the engine loop; with ``--engine-process`` the engine process's CPU seconds
+  instead), and the server's host CPU per streamed token: the process's CPU time minus what the
   synthetic steps themselves used, over the output tokens (everything the server does: the
   engine thread's bookkeeping and hand-offs, SSE chunks, JSON, detokenization, uvicorn writes);
 * the overhead: 1 - served tokens/s / engine-alone tokens/s, as ``scripts/gpu/bench_serve.py``.
