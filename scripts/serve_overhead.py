@@ -14,8 +14,9 @@ Reported, per run (``--repeats`` alternating pairs, medians):
 
 * engine alone: the same workload driven by a plain loop over ``step()``; output tokens/s and
   step time;
-* served: output tokens/s at request rate inf, step time (how much the server slows the engine
-  loop), and the server's host CPU per streamed token: the process's CPU time minus what the
+* served: output tokens/s, TTFT and TPOT medians at request rate inf, step time (how much the
+  server slows the engine loop; with ``--engine-process`` the engine process's CPU seconds
+  instead), and the server's host CPU per streamed token: the process's CPU time minus what the
   synthetic steps themselves used, over the output tokens (everything the server does: the
   engine thread's bookkeeping and hand-offs, SSE chunks, JSON, detokenization, uvicorn writes);
 * the overhead: 1 - served tokens/s / engine-alone tokens/s, as ``scripts/gpu/bench_serve.py``.
@@ -280,6 +281,7 @@ def served(server: Server, engine: SyntheticEngine, args, out: Path, index: int)
     client_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
     return {"output_tokens": tokens, "failed": run["failed"], "duration_s": run["duration_s"],
             "output_tokens_per_s": run["output_tokens_per_s"], "tpot_ms": 1e3 * run["tpot_s"]["median"],
+            "ttft_ms": 1e3 * run["ttft_s"]["median"], "ttft_p99_ms": 1e3 * run["ttft_s"]["p99"],
             "steps": engine.steps, "step_ms": 1e3 * step_time(engine),
             "server_cpu_s": server_cpu, "server_us_per_token": 1e6 * server_cpu / tokens,
             "engine_thread_server_us_per_token": 1e6 * (engine_thread - engine.step_cpu) / tokens,
@@ -300,17 +302,26 @@ def served_process(server: Server, client, children0, target: Path) -> dict:
         time.sleep(0.001)
     while server.engine.in_flight > 0 and server.engine.in_flight < 2 and client.poll() is None:  # warm-up
         time.sleep(0.001)
-    cpu0 = time.process_time()
+    child = server.engine._process.pid
+    cpu0, child0 = time.process_time(), _proc_cpu(child)
     client.wait()
-    cpu1 = time.process_time()
+    cpu1, child1 = time.process_time(), _proc_cpu(child)
     run = json.loads(target.read_text())["runs"][0]
     tokens = run["output_tokens"]
     return {"output_tokens": tokens, "failed": run["failed"], "duration_s": run["duration_s"],
             "output_tokens_per_s": run["output_tokens_per_s"], "tpot_ms": 1e3 * run["tpot_s"]["median"],
+            "ttft_ms": 1e3 * run["ttft_s"]["median"], "ttft_p99_ms": 1e3 * run["ttft_s"]["p99"],
+            "engine_process_cpu_s": child1 - child0,
             "steps": 0, "step_ms": float("nan"), "server_cpu_s": cpu1 - cpu0,
             "server_us_per_token": 1e6 * (cpu1 - cpu0) / tokens, "engine_thread_server_us_per_token": 0.0,
             "http_side_us_per_token": 1e6 * (cpu1 - cpu0) / tokens, "server_sys_us_per_token": float("nan"),
             "client_us_per_token": float("nan")}
+
+
+def _proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> None:
@@ -368,6 +379,7 @@ def main() -> None:
             "alone_tokens_per_s": med(alone_runs, "output_tokens_per_s"), "alone_step_ms": med(alone_runs, "step_ms"),
             "served_tokens_per_s": med(served_runs, "output_tokens_per_s"),
             "served_step_ms": med(served_runs, "step_ms"),
+            "served_ttft_ms": med(served_runs, "ttft_ms"), "served_tpot_ms": med(served_runs, "tpot_ms"),
             "server_us_per_token": med(served_runs, "server_us_per_token"),
             "engine_thread_server_us_per_token": med(served_runs, "engine_thread_server_us_per_token"),
             "http_side_us_per_token": med(served_runs, "http_side_us_per_token"),
@@ -377,13 +389,17 @@ def main() -> None:
     }
     m = result["median"]
     m["overhead"] = 1 - m["served_tokens_per_s"] / m["alone_tokens_per_s"]
+    if args.engine_process:
+        m["engine_process_cpu_s"] = med(served_runs, "engine_process_cpu_s")
     (out / f"serve_overhead{('_' + args.label) if args.label else ''}.json").write_text(json.dumps(result, indent=2))
     print(f"engine alone {m['alone_tokens_per_s']:.0f} tok/s (step {m['alone_step_ms']:.1f} ms); served "
-          f"{m['served_tokens_per_s']:.0f} tok/s (step {m['served_step_ms']:.1f} ms): overhead "
+          f"{m['served_tokens_per_s']:.0f} tok/s (step {m['served_step_ms']:.1f} ms, TTFT p50 {m['served_ttft_ms']:.0f} ms, "
+          f"TPOT p50 {m['served_tpot_ms']:.1f} ms): overhead "
           f"{100 * m['overhead']:.1f}%; server host CPU {m['server_us_per_token']:.1f} us/token "
           f"(engine thread {m['engine_thread_server_us_per_token']:.1f}, HTTP side {m['http_side_us_per_token']:.1f}; "
           f"process system time incl. the synthetic steps {m['server_sys_us_per_token']:.1f}); "
-          f"client {m['client_us_per_token']:.1f} us/token")
+          f"client {m['client_us_per_token']:.1f} us/token"
+          + (f"; engine process CPU {m['engine_process_cpu_s']:.2f} s" if args.engine_process else ""))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ isolation and replay, drain and stop) runs in a child process, so the server's p
 Wire (two one-way pipes, pickled tuples):
 
 * to the child: ``("add", request_id, prompt_ids, params, streaming, arrival)``, ``("abort", id)``,
-  ``("drain", monotonic deadline)``, ``("stop",)``, ``("metrics", http_error_counts)``;
+  ``("drain", monotonic deadline)``, ``("stop",)``, ``("metrics", http_error_counts)``, or
+  ``("batch", [command, ...])``: the parent's writer thread sends whatever queued up while it was
+  sending the previous message as one (a burst of requests is a few messages, not one each, and
+  the event loop never waits on a full pipe);
 * from the child: ``("loaded", info)`` or ``("failed", problem)`` once; then one
   ``("out", items, state, problem)`` per engine step (every request's news of that step in one
   message): an item is ``(request_id, finished, samples, error)`` where each sample is sent as
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 import time
@@ -144,23 +148,31 @@ def _child_main(loader: Callable[[], object], commands, outputs) -> None:
             command = commands.recv()
         except (EOFError, OSError):
             command = ("stop",)
-        kind = command[0]
-        if kind == "add":
-            _, request_id, prompt_ids, params, streaming, arrival = command
-            core._inbox.put("add", _Submission(request_id, prompt_ids, params, streaming, _Remote(request_id, pipe),
-                                               arrival))
-        elif kind == "abort":
-            core.abort(command[1])
-        elif kind == "drain":
-            core.accepting = False
-            core._inbox.put("drain", command[1])
-        elif kind == "metrics":
-            core.metrics.http_error_counts = dict(command[1])
-            pipe.send(("metrics", core.metrics.render()))
-        elif kind == "stop":
-            core.stop(None)  # fails what is still in flight (sent as errors), then the thread ends
-            pipe.send(("out", [], core.state, core.problem))
-            return
+        for one in (command[1] if command[0] == "batch" else (command,)):
+            if not _child_command(core, pipe, one):
+                return
+
+
+def _child_command(core: AsyncEngine, pipe: _PipeLoop, command: tuple) -> bool:
+    """Carry out one command; False once the engine has stopped."""
+    kind = command[0]
+    if kind == "add":
+        _, request_id, prompt_ids, params, streaming, arrival = command
+        core._inbox.put("add", _Submission(request_id, prompt_ids, params, streaming, _Remote(request_id, pipe),
+                                           arrival))
+    elif kind == "abort":
+        core.abort(command[1])
+    elif kind == "drain":
+        core.accepting = False
+        core._inbox.put("drain", command[1])
+    elif kind == "metrics":
+        core.metrics.http_error_counts = dict(command[1])
+        pipe.send(("metrics", core.metrics.render()))
+    elif kind == "stop":
+        core.stop(None)  # fails what is still in flight (sent as errors), then the thread ends
+        pipe.send(("out", [], core.state, core.problem))
+        return False
+    return True
 
 
 # ====================================================================== parent process
@@ -214,6 +226,8 @@ class ProcessEngine:
         self._process = context.Process(target=_child_main, name="quantkit-engine",
                                         args=(loader, self._commands_read, self._outputs_write), daemon=True)
         self._reader = threading.Thread(target=self._read, name="quantkit-engine-reader", daemon=True)
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # commands for the writer thread
+        self._writer = threading.Thread(target=self._write, name="quantkit-engine-writer", daemon=True)
 
     # ================================================================== any thread
     def start(self) -> ProcessEngine:
@@ -221,6 +235,7 @@ class ProcessEngine:
         self._commands_read.close()  # the child's ends
         self._outputs_write.close()
         self._reader.start()
+        self._writer.start()
         return self
 
     def wait_loaded(self, timeout: float | None = None) -> bool:
@@ -280,12 +295,32 @@ class ProcessEngine:
             self._send_locked(message)
 
     def _send_locked(self, message) -> None:
-        if self._closed:
-            return
-        try:
-            self._commands.send(message)
-        except (BrokenPipeError, OSError):
-            pass  # the reader sees the child's end and fails what is in flight
+        if not self._closed:
+            self._outbox.put(message)  # never blocks: the writer thread waits on the pipe
+
+    # ================================================================== writer thread
+    def _write(self) -> None:
+        """Sends the commands in order, everything queued since the last send as one message."""
+        outbox, broken = self._outbox, False
+        while True:
+            message = outbox.get()
+            if message is None:
+                return
+            batch = [message]
+            while True:
+                try:
+                    batch.append(outbox.get_nowait())
+                except queue.Empty:
+                    break
+            last = batch[-1] is None
+            batch = [m for m in batch if m is not None]
+            if batch and not broken:
+                try:
+                    self._commands.send(batch[0] if len(batch) == 1 else ("batch", batch))
+                except (BrokenPipeError, OSError):
+                    broken = True  # the reader sees the child's end and fails what is in flight
+            if last or any(m[0] == "stop" for m in batch):
+                return
 
     def _render_metrics(self) -> bytes:
         """The child's metrics text (a round trip; a scrape while the child is gone gets the
@@ -357,6 +392,7 @@ class ProcessEngine:
             self._requests.clear()
         if self._metrics_reply is not None:
             self._metrics_reply[0].set()
+        self._outbox.put(None)  # ends the writer thread
         _send_to_loops([(request.stream, None, error) for request in left])
 
     def _deliver(self, items: list) -> None:

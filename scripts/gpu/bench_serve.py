@@ -15,6 +15,16 @@ the load generator asks for token log-probabilities (``--logprobs``) so every to
    prefix cache;
 3. the overhead: 1 - (output tokens/s through HTTP at inf) / (output tokens/s of the engine alone).
 
+Both sides are warmed up, untimed, before they are measured (``--no-warmup`` skips it), so neither
+pays for Triton compiling (or loading from its disk cache) the kernel variants the workload's
+shapes need, the allocator's growth or first-use library set-up while the clock runs: the engine
+alone first serves the whole workload once with other prompts (the same lengths, so the same
+batches and kernel variants; CUDA graphs are captured when the engine is built); the server
+(with ``--engine-process``, a fresh child process that compiles and captures on its own) first
+gets ``quantkit bench serve`` on another seed (fresh prompts, so the measured runs never hit the
+prefix cache): the whole workload at inf, then a quarter of it at the fastest finite rate. ``bench_serve.json``'s ``warmup`` records what
+ran and how long it took.
+
 Everything goes to ``--out``: ``bench_serve.json`` (rewritten after every step, so a run cut
 short keeps what it measured), ``serve_bench.json`` and ``serve_bench.png`` from the load
 generator, ``metrics.txt`` (the server's Prometheus text at the end).
@@ -33,6 +43,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,8 +54,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_runtime import LLAMA3_8B, TINY, quantize_w4a16_in_place, random_model
 
-from quantkit.eval.latency import close_engine, engine_setup, open_engine
-from quantkit.eval.throughput import BenchConfig, engine_runs, parse_len_range
+from quantkit.eval.latency import (
+    close_engine,
+    engine_setup,
+    make_clock,
+    open_engine,
+    token_id_limit,
+)
+from quantkit.eval.throughput import (
+    BenchConfig,
+    engine_runs,
+    make_workload,
+    parse_len_range,
+    run_workload,
+)
 
 FULL = {"num_requests": 128, "input_len_range": "128,1024", "output_len_range": "64,256", "rates": "inf,2,4,8,16"}
 SMALL = {"num_requests": 12, "input_len_range": "8,32", "output_len_range": "4,12", "rates": "inf,20"}
@@ -74,14 +97,50 @@ def bench_config(args) -> BenchConfig:
                        output_len_range=parse_len_range(args.output_len_range, "--output-len-range")).check()
 
 
+WARMUP_VARIANT = 1000  # prompt tokens of the engine-alone warm-up: (seed, 1000); the timed run's are (seed, 1)
+WARMUP_SEED_OFFSET = 1  # the server's warm-up load: seed + 1 (other lengths and prompts)
+
+
 def engine_alone(loaded, args) -> dict:
     engine = open_engine(loaded, **engine_options(args))
+    warmup = None
     try:
         setup = engine_setup(engine, loaded.path, args.device)
-        runs, _ = engine_runs(engine, bench_config(args), args.device, None, progress=False)
+        config = bench_config(args)
+        if not args.no_warmup:  # the whole workload once, untimed: same lengths, other prompts
+            workload = make_workload(config, token_id_limit(engine), variant=WARMUP_VARIANT)
+            started = time.perf_counter()
+            run = run_workload(engine, workload, None, make_clock(args.device))
+            warmup = {"what": f"the workload's {len(workload)} requests once (same lengths, prompt tokens from "
+                              f"(seed, {WARMUP_VARIANT})), all at once, untimed",
+                      "seconds": time.perf_counter() - started, "output_tokens_per_s": run["output_tokens_per_s"]}
+        runs, _ = engine_runs(engine, config, args.device, None, progress=False)
     finally:
         close_engine(engine)
-    return {"setup": setup, "run": runs[0]}
+    return {"setup": setup, "run": runs[0], "warmup": warmup}
+
+
+def warm_up_server(server, args) -> dict:
+    """Untimed load on the server before the measured runs, on another seed (so no measured prompt
+    is cached): ``quantkit bench serve`` with the whole workload at inf, then a quarter of it at
+    the fastest finite rate of the sweep (small batches: single prefills among decodes)."""
+    finite = [float(r) for r in args.rates.split(",") if not r.strip().lower().startswith("inf")]
+    seed = args.seed + WARMUP_SEED_OFFSET
+    plan = [("inf", args.num_requests)] + ([(f"{max(finite):g}", max(1, args.num_requests // 4))] if finite else [])
+    done, started = [], time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-serve-warmup-") as scratch:
+        for rate, count in plan:
+            target = Path(scratch) / "warmup.json"
+            command = [sys.executable, "-m", "quantkit", "bench", "serve", server.base, "--num-requests", str(count),
+                       "--input-len-range", args.input_len_range, "--output-len-range", args.output_len_range,
+                       "--seed", str(seed), "--request-rate", rate, "--logprobs", "--json", str(target)]
+            subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+            run = json.loads(target.read_text())["runs"][0]
+            done.append({"request_rate": run["request_rate"], "num_requests": count, "failed": run["failed"],
+                         "output_tokens_per_s": run["output_tokens_per_s"], "ttft_median_s": run["ttft_s"]["median"]})
+    return {"what": "quantkit bench serve, untimed, seed " + str(seed) + ": "
+                    + ", ".join(f"{count} requests at {rate} req/s" for rate, count in plan),
+            "seconds": time.perf_counter() - started, "runs": done}
 
 
 def build_model(shape: dict, device: str, kind: str):
@@ -166,6 +225,10 @@ def summary(results: dict) -> list[str]:
                      f"tokens/s, TTFT p50/p99 {1e3 * run_['ttft_s']['median']:.0f}/{1e3 * run_['ttft_s']['p99']:.0f} ms, "
                      f"TPOT p50/p99 {1e3 * run_['tpot_s']['median']:.1f}/{1e3 * run_['tpot_s']['p99']:.1f} ms, "
                      f"failed {run_['failed']}")
+    warmup = results.get("warmup") or {}
+    if warmup:
+        done = [f"{k} {v['seconds']:.0f} s" for k, v in warmup.items() if v]
+        lines.append("untimed warm-ups: " + (", ".join(done) if done else "none"))
     overhead = results.get("http_overhead")
     if overhead:
         lines.append(f"HTTP overhead at saturation: {100 * overhead['throughput_loss']:.1f}% of output tokens/s "
@@ -189,6 +252,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
     ap.add_argument("--load-timeout", type=float, default=600.0)
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="skip the untimed warm-ups of the engine alone and of the server (not comparable)")
     ap.add_argument("--engine-process", action="store_true",
                     help="run the server's engine in its own process (quantkit serve --engine-process)")
     args = ap.parse_args()
@@ -218,6 +283,7 @@ def main() -> None:
     save(results, out)
 
     results["engine_alone"] = engine_alone(loaded, args)
+    results["warmup"] = {"engine_alone": results["engine_alone"].pop("warmup"), "server": None}
     save(results, out)
     print("\n".join(summary(results)), flush=True)
 
@@ -232,6 +298,10 @@ def main() -> None:
             torch.cuda.empty_cache()
     server = InProcessServer(loaded, args, shape)
     try:
+        if not args.no_warmup:
+            print("warming up the server (untimed)", flush=True)
+            results["warmup"]["server"] = warm_up_server(server, args)
+            save(results, out)
         command = [sys.executable, "-m", "quantkit", "bench", "serve", server.base, "--num-requests",
                    str(args.num_requests), "--input-len-range", args.input_len_range, "--output-len-range",
                    args.output_len_range, "--seed", str(args.seed), "--request-rate", args.rates, "--logprobs",

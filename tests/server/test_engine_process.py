@@ -138,3 +138,34 @@ def test_stopping_ends_what_is_in_flight_with_an_error():
     live.stop()
     assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"
     assert not engine._process.is_alive() and engine._process.exitcode == 0
+
+
+def test_writer_sends_what_queued_up_as_one_message():
+    """Commands queued while the writer waits on the pipe go out together, in order, and the
+    queueing side never waits on the pipe."""
+    import threading
+
+    engine = ProcessEngine(functools.partial(load_engine, MODEL, {}, 1, (MODEL,), "warning"))  # never started
+    release, sent = threading.Event(), []
+
+    class SlowPipe:
+        def send(self, message):
+            if not sent:
+                release.wait(10)  # the first send waits as on a full pipe
+            sent.append(message)
+
+    engine._commands = SlowPipe()
+    engine._writer.start()
+    started = time.perf_counter()
+    engine._send(("abort", "a"))
+    time.sleep(0.05)  # the writer is now inside the first send
+    for name in ("b", "c", "d"):
+        engine._send(("abort", name))
+    assert time.perf_counter() - started < 1
+    release.set()
+    engine._send(("stop",))
+    engine._writer.join(10)
+    assert not engine._writer.is_alive()
+    flat = [m for message in sent for m in (message[1] if message[0] == "batch" else [message])]
+    assert flat == [("abort", "a"), ("abort", "b"), ("abort", "c"), ("abort", "d"), ("stop",)]
+    assert len(sent) < len(flat)
