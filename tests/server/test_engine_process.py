@@ -169,3 +169,12 @@ def test_writer_sends_what_queued_up_as_one_message():
     flat = [m for message in sent for m in (message[1] if message[0] == "batch" else [message])]
     assert flat == [("abort", "a"), ("abort", "b"), ("abort", "c"), ("abort", "d"), ("stop",)]
     assert len(sent) < len(flat)
+
+
+def test_the_engine_runs_in_a_process_on_accelerators_and_on_a_thread_on_the_cpu_unless_told():
+    from quantkit.server.launch import engine_in_process
+
+    assert engine_in_process(None, on_cpu=False) is True
+    assert engine_in_process(None, on_cpu=True) is False
+    assert engine_in_process(False, on_cpu=False) is False
+    assert engine_in_process(True, on_cpu=True) is True
