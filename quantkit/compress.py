@@ -35,7 +35,7 @@ class CompressResult:
 
 def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite: bool = False,
              device: str = "cpu", batch_size: int = 4, offload_activations: bool = False,
-             on_start: Callable[[int], None] | None = None,
+             low_host_memory: bool | None = None, on_start: Callable[[int], None] | None = None,
              on_layer: Callable[[LayerReport], None] | None = None) -> CompressResult:
     """Quantize ``model`` (a bundled name, folder or hub id; None = bundled target) into ``output``.
 
@@ -47,6 +47,12 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
     statistics are reduced over the ranks before any method acts, so every rank computes the
     weights one process would; rank 0 alone writes the output (and calls ``on_start`` /
     ``on_layer``) while the others wait for it.
+
+    ``low_host_memory`` (None: wherever it applies) builds the model with its decoder layers on
+    the meta device and reads each layer from the safetensors files when the pipeline takes it
+    (``models/lazy_loading.py``): a local float safetensors checkpoint of a Llama-family model and
+    a recipe that does not prune (pruning reports read every pruned weight after the pipeline).
+    True makes it an error where it does not apply; False always loads the whole model.
     """
     from quantkit.pipeline.data_parallel import launch as join_ranks
 
@@ -59,7 +65,7 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
         on_start = on_layer = None
     started = time.perf_counter()
     with ranks.running():
-        loaded = _load(model)
+        loaded = _load(model, recipe, low_host_memory)
         check_recipe_fits(loaded.model, loaded.adapter, recipe)
         samples = _calibration_samples(loaded, recipe) if recipe.needs_calibration else None
         tokens = 0 if samples is None else samples.numel()
@@ -70,7 +76,7 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
             on_start(num_layers)
         result = quantize_model(loaded.model, loaded.adapter, recipe, device=device, samples=samples,
                                 batch_size=batch_size, offload_activations=offload_activations, on_layer=on_layer,
-                                data_parallel=ranks.group)
+                                data_parallel=ranks.group, layer_weights=loaded.layer_weights)
         sparsity = _record_sparsity(loaded, recipe)
         if ranks.is_main:
             if sparsity is not None:
@@ -84,9 +90,19 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
                           sparsity=sparsity, rank=ranks.rank, world_size=ranks.world_size)
 
 
-def _load(model: str | None):
-    from quantkit.models.loading import load_model
+def _load(model: str | None, recipe: Recipe, low_host_memory: bool | None = None):
+    from quantkit.models.loading import load_model, load_model_lazy
+    from quantkit.sparsity.step import SparsityStep
 
+    if low_host_memory is not False:
+        if any(isinstance(step, SparsityStep) for step in recipe.steps):
+            if low_host_memory:
+                raise QuantkitError("cannot load layer by layer: a pruning recipe reads every pruned weight "
+                                    "after the pipeline; leave out --low-host-memory")
+        else:
+            loaded = load_model_lazy(model, required=bool(low_host_memory))
+            if loaded is not None:
+                return loaded
     loaded = load_model(model, dtype="auto", device="cpu")
     if loaded.quantization_config is not None:
         method = loaded.quantization_config.get("quant_method", "?")

@@ -44,6 +44,8 @@ class LoadedModel:
     path: str
     adapter: ModelAdapter
     quantization_config: dict | None
+    # With ``load_model_lazy``: reads each decoder layer's tensors when the pipeline takes it.
+    layer_weights: Any = None
 
 
 def parse_dtype(text: str | torch.dtype) -> torch.dtype | str:
@@ -134,6 +136,32 @@ def load_model(
     network.requires_grad_(False)
     tokenizer = _tokenizer_if_any(path, trust_remote_code)
     return LoadedModel(network, tokenizer, path, adapter, quantization_config)
+
+
+def load_model_lazy(model: str | None = None, *, required: bool = False) -> LoadedModel | None:
+    """The float model in float32 on the CPU with its decoder layers on the meta device, for the
+    layer-by-layer pipeline (``models/lazy_loading.py``); None where that does not apply (not a
+    local float safetensors checkpoint of a Llama-family model), or, with ``required``, a
+    QuantkitError saying why."""
+    from quantkit.models.lazy_loading import LAZY_MODEL_TYPES, lazy_loading_applies, load_lazy_model
+
+    path = resolve_model_path(model)
+    config, adapter = _checked_config(path, False)
+    reason = None
+    if not lazy_loading_applies(path, config.model_type):
+        reason = (f"it needs a local safetensors checkpoint of a {', '.join(LAZY_MODEL_TYPES)} model "
+                  f"('{path}' is a {config.model_type} model{'' if Path(path).is_dir() else ', not a local folder'})")
+    elif _quantization_config(path, config) is not None:
+        reason = f"'{path}' is already quantized"
+    if reason is not None:
+        if required:
+            raise QuantkitError(f"cannot load layer by layer: {reason}")
+        return None
+    network, layer_weights = load_lazy_model(path, config, torch.float32, adapter)
+    network.eval()
+    network.requires_grad_(False)
+    tokenizer = _tokenizer_if_any(path, False)
+    return LoadedModel(network, tokenizer, path, adapter, None, layer_weights)
 
 
 def _checked_config(path: str, trust_remote_code: bool) -> tuple[PretrainedConfig, ModelAdapter]:

@@ -49,7 +49,7 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
 def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, device: str | torch.device = "cpu",
                    samples: torch.Tensor | None = None, batch_size: int = 4, offload_activations: bool = False,
                    replay_budget_bytes: int | None = None, data_parallel: DataParallel | None = None,
-                   on_layer: Callable[[LayerReport], None] | None = None) -> PipelineResult:
+                   layer_weights=None, on_layer: Callable[[LayerReport], None] | None = None) -> PipelineResult:
     """Apply the recipe's weight step to every decoder layer, one layer at a time.
 
     ``samples`` (N, L) token ids are required by calibration methods (GPTQ, AWQ) and ignored by
@@ -58,6 +58,9 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
     (``pipeline/replay.py``); by default it is spent only where activations live in CPU memory.
     With ``data_parallel`` (``DataParallel.current()`` under torchrun), ``samples`` are this rank's
     share and the statistics are summed over ranks, so every rank computes the same weights.
+    ``layer_weights`` (``models.lazy_loading.LazyLayers``) reads each layer's float tensors just
+    before the layer is worked on (the model was built with its layers on the meta device) and
+    drops its quantized linears' float weights once it is done.
     """
     step = recipe.weight_step
     device = torch.device(device)
@@ -83,6 +86,8 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
         scheme = sparsity_step.target_scheme()  # the layers it prunes (and quantizes, with a scheme)
     for index, layer in enumerate(layers):
         started = time.perf_counter()
+        if layer_weights is not None:
+            layer_weights.load(index, layer)
         home = _device_of(layer)
         layer.to(device)
         report = LayerReport(index)
@@ -98,6 +103,8 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
         for cleanup in ctx.cleanups:
             cleanup()
         layer.to(home)
+        if layer_weights is not None:
+            layer_weights.release(index, layer, result.quantized)
         report.seconds = time.perf_counter() - started
         result.layers.append(report)
         if on_layer is not None:
