@@ -4,6 +4,7 @@ one the eager path (the whole float model in memory) writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -17,13 +18,19 @@ from quantkit.errors import QuantkitError
 from quantkit.models import lazy_loading
 from quantkit.models.bundled import resolve_model_path
 from quantkit.recipe import weight_quant_recipe
+from quantkit.sparsity.step import SparsityStep
 
 CALIBRATION = {"dataset": "wikitext2", "num_samples": 4, "seq_len": 32, "seed": 0}
 
 
+# searches kept short: the test compares two paths, not quality
+FAST = {"gptq": {"clip_search": False}, "awq": {"grid": 4, "clip_grid": 4}}
+
+
 def _recipe(method: str, group_size: int = 32):
     return weight_quant_recipe("w4a16", group_size=group_size, method=method, symmetric=method != "awq",
-                               fmt="gptq" if method == "gptq" else "awq", calibration=CALIBRATION)
+                               fmt="awq" if method == "awq" else "gptq", options=FAST.get(method),
+                               calibration=CALIBRATION)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +73,9 @@ class _Peak:
         monkeypatch.setattr(lazy_loading.LazyLayers, "load", load)
 
 
-@pytest.mark.parametrize("model_kind, method", [("bundled", "gptq"), ("sharded", "gptq"), ("sharded", "awq")])
+# the bundled target (one file, tied head) with RTN to keep the test short; the sharded Llama
+# (bfloat16 shards, untied head) with the calibrated methods
+@pytest.mark.parametrize("model_kind, method", [("bundled", "rtn"), ("sharded", "gptq"), ("sharded", "awq")])
 def test_layer_by_layer_loading_writes_the_eager_checkpoint(model_kind, method, sharded_llama, tmp_path,
                                                             monkeypatch):
     model = None if model_kind == "bundled" else str(sharded_llama)
@@ -102,7 +111,16 @@ def test_key_missing_from_the_index_is_a_clear_error(sharded_llama, tmp_path):
         compress(str(broken), _recipe("gptq"), tmp_path / "out", low_host_memory=True)
 
 
-def test_required_where_it_does_not_apply_says_why(tmp_path):
-    recipe = weight_quant_recipe("w4a16", group_size=64, method="rtn")
-    with pytest.raises(QuantkitError, match="cannot load layer by layer"):
-        compress("quantkit-no-such-model-xyz", recipe, tmp_path / "out", low_host_memory=True)
+def test_asked_for_where_it_does_not_apply_says_why(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(gpt2)
+    recipe = weight_quant_recipe("w4a16", group_size=32, method="rtn")
+    with pytest.raises(QuantkitError, match="cannot load layer by layer: it needs a local safetensors checkpoint"):
+        compress(str(gpt2), recipe, tmp_path / "out", low_host_memory=True)
+    compress(str(gpt2), recipe, tmp_path / "out")  # by default: the whole model, as before
+    pruning = weight_quant_recipe("w4a16", group_size=32, method="rtn")
+    pruning = dataclasses.replace(pruning, steps=(SparsityStep(method="magnitude", sparsity=0.5),))
+    with pytest.raises(QuantkitError, match="cannot load layer by layer: a pruning recipe"):
+        compress(None, pruning, tmp_path / "pruned", low_host_memory=True)
