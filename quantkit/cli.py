@@ -75,6 +75,10 @@ def quantize(
     batch_size: Annotated[int, typer.Option(help="Calibration samples per forward pass (more: faster on small models, more accelerator memory).")] = 4,
     offload_activations: Annotated[bool, typer.Option(
         help="Keep calibration activations in CPU memory (for models whose activations do not fit the GPU).")] = False,
+    low_host_memory: Annotated[Optional[bool], typer.Option(
+        "--low-host-memory/--no-low-host-memory",
+        help="Read each decoder layer from the safetensors files when it is quantized instead of loading the whole "
+             "model (default: wherever it applies: a local float Llama-family checkpoint, a recipe that does not prune).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Quantize a model as a recipe says and write a checkpoint that vLLM and transformers load."""
@@ -88,7 +92,7 @@ def quantize(
         plan = weight_quant_recipe(scheme, group_size=group_size, symmetric=symmetric, method=method,
                                    ignore=tuple(ignore) if ignore else ("lm_head",), fmt=fmt, options=options,
                                    calibration=calibration)
-    result = _run_compress(model, plan, output, overwrite, device, batch_size, offload_activations,
+    result = _run_compress(model, plan, output, overwrite, device, batch_size, offload_activations, low_host_memory,
                            show_progress=not as_json and _launch_rank() == 0)
     if result.rank != 0:
         return  # under torchrun rank 0 wrote the checkpoint and reports it
@@ -127,7 +131,8 @@ def _render_pruned(plan, result, model, out: Console) -> None:
     out.print(f"compare with: quantkit eval {result.output} --baseline {model or 'quantkit-target'}", soft_wrap=True)
 
 
-def _run_compress(model, plan, output, overwrite, device, batch_size, offload_activations, show_progress: bool):
+def _run_compress(model, plan, output, overwrite, device, batch_size, offload_activations, low_host_memory,
+                  show_progress: bool):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from quantkit.compress import compress
@@ -148,7 +153,8 @@ def _run_compress(model, plan, output, overwrite, device, batch_size, offload_ac
 
     with progress:
         return compress(model, plan, output, overwrite=overwrite, device=device, batch_size=batch_size,
-                        offload_activations=offload_activations, on_start=on_start, on_layer=on_layer)
+                        offload_activations=offload_activations, low_host_memory=low_host_memory,
+                        on_start=on_start, on_layer=on_layer)
 
 
 @app.command("eval")
