@@ -91,7 +91,8 @@ def test_a_failing_rank_ends_every_rank_and_writes_nothing(tmp_path):
     assert run.returncode != 0
     stderr = " ".join(run.stderr.split())  # rich wraps lines
     assert "[rank 1] internal error: RuntimeError: injected failure on rank 1" in stderr
-    assert "[rank 0] error: rank 0 lost contact with the other ranks" in stderr
+    # rank 0 prints "lost contact with the other ranks" when it notices first; torchrun may stop it
+    # before that under load, so the message is not asserted (a timing race, seen on a busy CPU)
     assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor a temporary folder
 
 
