@@ -38,7 +38,13 @@ class _Launched:
     seqs: list[Sequence]
     positions: list[int]  # the position each sequence computes in this step
     tokens: torch.Tensor  # (B,) int64, sampled, on the device
-    logprobs: torch.Tensor  # (B,) float32
+    host_tokens: torch.Tensor  # their copy on the host (pinned, filled once ``ready`` has passed)
+    host_logprobs: torch.Tensor | None  # (B,) float32, when a sequence wants logprobs
+    ready: torch.cuda.Event | None  # recorded after the copies (CUDA only)
+
+    def live(self) -> list[int]:
+        """Rows whose sequence has not finished (a stop at the step before, or an abort)."""
+        return [row for row, seq in enumerate(self.seqs) if not seq.is_finished]
 
 
 class AsyncStepper:
@@ -63,7 +69,8 @@ class AsyncStepper:
                 self.num_sync_steps += 1
                 return self.engine._plain_step(out)
             cur = self._launch_scheduled(out)
-        nxt = self._launch_ahead(cur) if self._can_continue(cur) else None
+        live = cur.live()
+        nxt = self._launch_ahead(cur, live) if self._can_continue(cur, live) else None
         outputs = self._apply(cur)
         if nxt is not None:
             live = [ScheduledSeq(seq, 1, pos) for seq, pos in zip(nxt.seqs, nxt.positions) if not seq.is_finished]
@@ -83,16 +90,17 @@ class AsyncStepper:
         return all(s.num_new_tokens == 1 and not s.num_lookahead and s.samples and s.seq.num_output_tokens > 0
                    and s.seq.params.n == 1 for s in out.scheduled)
 
-    def _can_continue(self, cur: _Launched) -> bool:
-        """Whether the step after ``cur`` is again a steady decode of the same sequences, and fits."""
+    def _can_continue(self, cur: _Launched, live: list[int]) -> bool:
+        """Whether the step after ``cur`` is again a steady decode of its live sequences, and fits."""
         scheduler, manager = self.engine.scheduler, self.engine.block_manager
-        if scheduler.waiting or len(scheduler.running) != len(cur.seqs):
+        if not live or scheduler.waiting or len(scheduler.running) != len(live):
             return False
-        if len(cur.seqs) > scheduler.max_num_batched_tokens:
+        if len(live) > scheduler.max_num_batched_tokens:
             return False
         needed = 0
-        for seq, pos in zip(cur.seqs, cur.positions):
-            if seq.is_finished or seq.params.n != 1:
+        for row in live:
+            seq, pos = cur.seqs[row], cur.positions[row]
+            if seq.params.n != 1:
                 return False
             if pos + 2 >= scheduler.max_model_len:  # step N may end it by the context: stay synchronous
                 return False
@@ -105,41 +113,58 @@ class AsyncStepper:
         if needed > manager.num_free_blocks:
             return False  # the synchronous scheduler preempts
         # every sequence certain to end at step N (max_tokens): nothing to overlap
-        return not all(seq.num_output_tokens + 1 >= seq.params.max_tokens for seq in cur.seqs)
+        return not all(cur.seqs[row].num_output_tokens + 1 >= cur.seqs[row].params.max_tokens for row in live)
 
     # ------------------------------------------------------------------ launching
-    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, seqs: list[Sequence], positions: list[int], logits: torch.Tensor) -> _Launched:
+        """Sample on the device and start copying the tokens to the host: reading them later waits
+        for that copy only, not for the work queued after it (the next step)."""
         engine = self.engine
         generators = [engine._requests[seq.request_id].generator(seq, logits.device) for seq in seqs]
-        return engine.sampler.sample(logits, [seq.params for seq in seqs], generators)
+        tokens, logprobs = engine.sampler.sample(logits, [seq.params for seq in seqs], generators)
+        want_logprobs = any(seq.params.wants_logprobs for seq in seqs)
+        if tokens.device.type != "cuda":
+            return _Launched(seqs, positions, tokens, tokens, logprobs if want_logprobs else None, None)
+        host_tokens = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host_tokens.copy_(tokens, non_blocking=True)
+        host_logprobs = None
+        if want_logprobs:
+            host_logprobs = torch.empty(logprobs.shape, dtype=logprobs.dtype, pin_memory=True)
+            host_logprobs.copy_(logprobs, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _Launched(seqs, positions, tokens, host_tokens, host_logprobs, ready)
 
     def _launch_scheduled(self, out: SchedulerOutput) -> _Launched:
         self.num_sync_steps += 1  # its inputs came from the host
         logits = self.engine.runner.run(out)
         seqs = [s.seq for s in out.scheduled]
         rows = torch.cat([logits[seq.seq_id][-1:] for seq in seqs])
-        tokens, logprobs = self._sample(seqs, rows)
-        return _Launched(seqs, [s.start_position for s in out.scheduled], tokens, logprobs)
+        return self._sample(seqs, [s.start_position for s in out.scheduled], rows)
 
-    def _launch_ahead(self, cur: _Launched) -> _Launched:
+    def _launch_ahead(self, cur: _Launched, live: list[int]) -> _Launched:
         manager = self.engine.block_manager
-        positions = [pos + 1 for pos in cur.positions]
-        for seq, pos in zip(cur.seqs, positions):
+        seqs = [cur.seqs[row] for row in live]
+        positions = [cur.positions[row] + 1 for row in live]
+        for seq, pos in zip(seqs, positions):
             copies = manager.allocate_for(seq, pos + 1 - seq.num_computed_tokens)
             if copies:  # _can_continue excludes shared blocks
                 raise RuntimeError(f"asynchronous step needs a block copy for seq {seq.seq_id}")
-        logits = self.engine.runner.run_decode(cur.seqs, positions, cur.tokens)
-        tokens, logprobs = self._sample(cur.seqs, logits)
+        input_ids = cur.tokens
+        if len(live) != len(cur.seqs):  # drop the rows of sequences that ended: a gather on the device
+            input_ids = input_ids[torch.tensor(live, device=input_ids.device)]
+        logits = self.engine.runner.run_decode(seqs, positions, input_ids)
         self.num_overlapped_steps += 1
-        return _Launched(list(cur.seqs), positions, tokens, logprobs)
+        return self._sample(seqs, positions, logits)
 
     # ------------------------------------------------------------------ applying
     def _apply(self, cur: _Launched) -> list[RequestOutput]:
         """Read ``cur``'s tokens (the host-device sync) and apply them as the synchronous step does."""
         engine = self.engine
-        tokens = cur.tokens.tolist()
-        want_logprobs = any(seq.params.wants_logprobs for seq in cur.seqs)
-        logprobs = cur.logprobs.tolist() if want_logprobs else [0.0] * len(tokens)
+        if cur.ready is not None:
+            cur.ready.synchronize()
+        tokens = cur.host_tokens.tolist()
+        logprobs = cur.host_logprobs.tolist() if cur.host_logprobs is not None else [0.0] * len(tokens)
         now = time.perf_counter()
         new_tokens, sampled = {}, []
         for seq, token, logprob in zip(cur.seqs, tokens, logprobs):
