@@ -129,3 +129,12 @@ def test_static_decode_buffers_take_the_device_tokens(sync_engine):
     assert got == expected
     assert engine.async_stepper.num_overlapped_steps > 3
     assert_no_leaks(engine)
+
+
+def test_small_cache_preempts_and_still_matches(sync_greedy):
+    """Blocks run short: the asynchronous engine stops launching ahead and the scheduler preempts."""
+    small = Engine(kv_cache_tokens=48, max_num_batched_tokens=32, async_scheduling=True)  # 3 blocks
+    outputs = run_mixed(small, PROMPTS, [GREEDY] * 4, [0, 0, 1, 1])
+    assert small.scheduler.num_preemptions > 0 and small.async_stepper.num_overlapped_steps > 0
+    assert [c.token_ids for c in outputs] == [c.token_ids for c in sync_greedy]
+    assert_no_leaks(small)
