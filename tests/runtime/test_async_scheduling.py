@@ -9,7 +9,6 @@ from test_engine import PROMPTS, encode, hf_greedy, reference, run_staggered  # 
 from quantkit.runtime.engine import Engine
 from quantkit.runtime.sampling_params import SamplingParams
 
-
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
