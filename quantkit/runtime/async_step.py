@@ -152,7 +152,7 @@ class AsyncStepper:
                 raise RuntimeError(f"asynchronous step needs a block copy for seq {seq.seq_id}")
         input_ids = cur.tokens
         if len(live) != len(cur.seqs):  # drop the rows of sequences that ended: a gather on the device
-            input_ids = input_ids[torch.tensor(live, device=input_ids.device)]
+            input_ids = input_ids[torch.tensor(live).to(input_ids.device, non_blocking=True)]
         logits = self.engine.runner.run_decode(seqs, positions, input_ids)
         self.num_overlapped_steps += 1
         return self._sample(seqs, positions, logits)
