@@ -175,12 +175,15 @@ def evaluate(
     input_len: Annotated[int, typer.Option(help="--latency: prompt tokens (random ids).")] = 128,
     output_len: Annotated[int, typer.Option(help="--latency: output tokens per request.")] = 128,
     repetitions: Annotated[int, typer.Option(help="--latency: timed requests (median and p99 over them).")] = 10,
+    async_scheduling: Annotated[bool, typer.Option(
+        "--async-scheduling", help="--latency: launch each decode step before the previous step's tokens reach the host.")] = False,
 ) -> None:
     """Perplexity, parameter count and size of a model; beside a baseline, also the share of
     positions where both predict the same next token and the mean KL divergence between them.
     With --latency: time to first token, time per output token and end-to-end time of single requests."""
     if latency:
-        return _eval_latency(model, baseline, input_len, output_len, repetitions, device, dtype, as_json, output_json)
+        return _eval_latency(model, baseline, input_len, output_len, repetitions, device, dtype, as_json, output_json,
+                             async_scheduling)
     from quantkit.eval.evaluate import evaluate_model, evaluate_pair
     from quantkit.eval.report import render_eval_table, results_to_json
 
@@ -200,12 +203,14 @@ def evaluate(
         render_eval_table([result], baseline=base, console=Console())
 
 
-def _eval_latency(model, baseline, input_len, output_len, repetitions, device, dtype, as_json, output_json) -> None:
+def _eval_latency(model, baseline, input_len, output_len, repetitions, device, dtype, as_json, output_json,
+                  async_scheduling=False) -> None:
     from quantkit.eval.bench_report import render_latency, to_json, write_json
     from quantkit.eval.latency import LatencyConfig, run_latency_pair
 
     config = LatencyConfig(input_len=input_len, output_len=output_len, repetitions=repetitions).check()
-    payload = run_latency_pair(model, baseline, config, device=device, dtype=dtype, progress=not as_json)
+    payload = run_latency_pair(model, baseline, config, device=device, dtype=dtype,
+                               async_scheduling=async_scheduling, progress=not as_json)
     if output_json is not None:
         write_json(payload, output_json)
     if as_json:
@@ -253,6 +258,8 @@ def bench(
     baseline_requests: Annotated[Optional[int], typer.Option(help="--baseline: run only the first N requests (default: all).")] = None,
     draft: Annotated[Optional[str], typer.Option(help="Draft model for speculative decoding (if the engine supports it).")] = None,
     num_speculative_tokens: Annotated[Optional[int], typer.Option(help="--draft: tokens proposed per step.")] = None,
+    async_scheduling: Annotated[bool, typer.Option(
+        "--async-scheduling", help="Launch each decode step before the previous step's tokens reach the host.")] = False,
     json_path: Annotated[Optional[str], typer.Option("--json", help="Write the results as JSON to this file ('-': stdout).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of throughput against concurrency (needs matplotlib).")] = None,
 ) -> None:
@@ -273,7 +280,7 @@ def bench(
     options = EngineOptions(device=device, dtype=dtype, kv_cache_tokens=kv_cache_tokens,
                             gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
                             max_num_batched_tokens=max_num_batched_tokens, draft=draft,
-                            num_speculative_tokens=num_speculative_tokens)
+                            num_speculative_tokens=num_speculative_tokens, async_scheduling=async_scheduling)
     payload = run_bench(model, config, options, progress=json_path != "-")
     if plot is not None:
         bench_report.plot_concurrency(payload, plot)

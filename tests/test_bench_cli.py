@@ -124,6 +124,14 @@ def test_eval_latency_json(run_cli, tmp_path):
     assert payload["bandwidth"]["batch"] == 1
 
 
+def test_eval_latency_with_async_scheduling(run_cli):
+    result = run_cli("eval", "--latency", "--input-len", "8", "--output-len", "6", "--repetitions", "2",
+                     "--async-scheduling", "--json")
+    assert result.code == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["setup"]["async_scheduling"] is True and payload["output_tokens"] == 2 * 6
+
+
 @pytest.mark.parametrize("args, fragments", [
     (["bench", "/nonexistent/model-folder"], ["does not exist"]),
     (["bench", "--input-len-range", "512,100"], ["--input-len-range '512,100'", "minimum 512 is larger"]),

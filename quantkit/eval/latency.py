@@ -64,11 +64,14 @@ def timing_summary(timings: list[RequestTiming]) -> dict:
 
 
 # ---------------------------------------------------------------------- clock and engine
-def make_clock(device: str) -> Callable[[], float]:
-    """perf_counter after the device has finished its queued work (CUDA), else perf_counter."""
+def make_clock(device: str, engine=None) -> Callable[[], float]:
+    """perf_counter after the device has finished its queued work (CUDA), else perf_counter.
+
+    Not for an engine that schedules asynchronously: the tokens its steps return are on the host
+    already, and a device sync after each step would drain the step it launched ahead."""
     import torch
 
-    if torch.device(device).type != "cuda":
+    if torch.device(device).type != "cuda" or getattr(engine, "async_stepper", None) is not None:
         return time.perf_counter
 
     def clock() -> float:
@@ -80,13 +83,16 @@ def make_clock(device: str) -> Callable[[], float]:
 
 def open_engine(model: str | None, *, device: str = "cpu", dtype: str = "auto", kv_cache_tokens: int | None = None,
                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                draft: str | None = None, num_speculative_tokens: int | None = None):
+                draft: str | None = None, num_speculative_tokens: int | None = None,
+                async_scheduling: bool = False):
     """An ``Engine``; ``draft``/``num_speculative_tokens`` only where this engine supports them."""
     from quantkit.runtime.engine import Engine
 
     options = {"device": device, "dtype": dtype, "kv_cache_tokens": kv_cache_tokens,
                "gpu_memory_utilization": gpu_memory_utilization, "max_num_seqs": max_num_seqs,
                "max_num_batched_tokens": max_num_batched_tokens}
+    if async_scheduling:  # passed only when asked: engines without the option still open
+        options["async_scheduling"] = True
     accepted = inspect.signature(Engine.__init__).parameters
     for name, value in (("draft", draft), ("num_speculative_tokens", num_speculative_tokens)):
         if value is None:
@@ -173,6 +179,7 @@ def engine_setup(engine, model: str | None, device: str, draft: str | None = Non
         "kv_cache_tokens": engine.block_manager.num_blocks * engine.block_manager.block_size,
         "block_size": engine.block_manager.block_size,
         "speculative": _spec_text(engine, draft, num_speculative_tokens),
+        "async_scheduling": getattr(engine, "async_stepper", None) is not None,
     }
 
 
@@ -278,7 +285,7 @@ def latency_result(timings: list[RequestTiming], config: LatencyConfig) -> dict:
 
 def run_latency(model: str | None, config: LatencyConfig, *, device: str = "cpu", dtype: str = "auto",
                 draft: str | None = None, num_speculative_tokens: int | None = None,
-                progress: bool = True) -> dict:
+                async_scheduling: bool = False, progress: bool = True) -> dict:
     """Single-request latency of ``model`` with the bandwidth limit beside the decode speed; the
     KV cache is sized to one request."""
     from quantkit.eval.bandwidth import measure_copy_bandwidth
@@ -286,7 +293,8 @@ def run_latency(model: str | None, config: LatencyConfig, *, device: str = "cpu"
     config.check()
     bandwidth = measure_copy_bandwidth(device)  # before the engine takes the memory
     engine = open_engine(model, device=device, dtype=dtype, kv_cache_tokens=config.cache_tokens,
-                         draft=draft, num_speculative_tokens=num_speculative_tokens)
+                         draft=draft, num_speculative_tokens=num_speculative_tokens,
+                         async_scheduling=async_scheduling)
     try:
         setup = engine_setup(engine, model, device, draft, num_speculative_tokens)
         result = latency_on_engine(engine, config, device, bandwidth, progress)
@@ -301,7 +309,7 @@ def latency_on_engine(engine, config: LatencyConfig, device: str, bandwidth: flo
     from quantkit.eval.bandwidth import decode_limit
 
     with progress_bar(progress, "latency", config.repetitions) as advance:
-        timings = measure_latency(engine, config, make_clock(device), advance)
+        timings = measure_latency(engine, config, make_clock(device, engine), advance)
     result = latency_result(timings, config)
     context = config.input_len + (config.output_len - 1) / 2  # mean context of the decode steps
     result["bandwidth"] = decode_limit(engine.model, bandwidth, batch=1, mean_context=context)

@@ -411,6 +411,7 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048
     draft: str | None = None
     num_speculative_tokens: int | None = None
+    async_scheduling: bool = False
 
 
 def run_bench(model: str | None, config: BenchConfig, options: EngineOptions, progress: bool = True) -> dict:
@@ -446,7 +447,7 @@ def engine_runs(engine, config: BenchConfig, device: str, bandwidth: float | Non
     _check_fits(engine, config)
     limit = token_id_limit(engine)
     stream = text_tokens(engine, config.text_file, config.input_len_range[1]) if config.text_file else None
-    clock = make_clock(device)
+    clock = make_clock(device, engine)
     warm_up(engine, config, limit)
     runs, workloads = [], []
     for index, cap in enumerate(config.points):

@@ -36,9 +36,12 @@ class DecodeGraphs:
         self._seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self._tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=device)
         pin = device.type == "cuda"
-        self._host64 = torch.zeros(3, n, dtype=torch.int64, pin_memory=pin)
-        self._host_lens = torch.zeros(n, dtype=torch.int32, pin_memory=pin)
-        self._host_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, pin_memory=pin)
+        # two sets of pinned staging buffers, used in turn: with asynchronous scheduling a step is
+        # staged while the previous one (whose copies may not have run yet) is still queued
+        self._staging = [(torch.zeros(3, n, dtype=torch.int64, pin_memory=pin),
+                          torch.zeros(n, dtype=torch.int32, pin_memory=pin),
+                          torch.zeros(n, self.max_blocks, dtype=torch.int32, pin_memory=pin)) for _ in range(2)]
+        self._turn = 0
         self._query_start_loc = torch.arange(n + 1, dtype=torch.int32, device=device)
         self._logits_indices = torch.arange(n, dtype=torch.int64, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -48,12 +51,18 @@ class DecodeGraphs:
     def fits(self, num_seqs: int, table_width: int) -> bool:
         return 0 < num_seqs <= self.max_batch and table_width <= self.max_blocks
 
-    def run(self, token_ids: list[int], positions: list[int], slots: list[int], seq_lens: list[int],
+    def run(self, token_ids: list[int] | torch.Tensor, positions: list[int], slots: list[int], seq_lens: list[int],
             block_tables: list[list[int]]) -> torch.Tensor:
-        """Logits (B, vocab) float32 of one decode token per sequence."""
-        count = len(token_ids)
+        """Logits (B, vocab) float32 of one decode token per sequence.
+
+        ``token_ids`` may be a (B,) tensor on the device (the previous step's sampled tokens, for
+        asynchronous scheduling): it is copied into the input buffer on the device, no host round trip."""
+        count = len(positions)
         size = next(b for b in self.sizes if b >= count)
-        self._stage(token_ids, positions, slots, seq_lens, block_tables, size)
+        on_device = isinstance(token_ids, torch.Tensor)
+        self._stage([0] * count if on_device else token_ids, positions, slots, seq_lens, block_tables, size)
+        if on_device:
+            self._ids64[0, :count].copy_(token_ids, non_blocking=True)
         if not self.capture:
             return self.model.forward(self._batch(size), self.kv_cache)[:count]
         graph, logits = self._graphs[size]
@@ -63,7 +72,8 @@ class DecodeGraphs:
     # ------------------------------------------------------------------ internals
     def _stage(self, token_ids, positions, slots, seq_lens, block_tables, size: int) -> None:
         count = len(token_ids)
-        host64, lens, tables = self._host64, self._host_lens, self._host_tables
+        host64, lens, tables = self._staging[self._turn]
+        self._turn ^= 1
         host64[:, :size] = 0
         host64[2, :size] = -1  # padding rows write no cache slot
         host64[0, :count] = torch.tensor(token_ids, dtype=torch.int64)

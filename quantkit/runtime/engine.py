@@ -9,6 +9,9 @@ Speculative decoding (``draft=`` a small model with the same tokenizer, or
 ``speculative_method="ngram"``) proposes up to ``num_speculative_tokens`` drafts per decoding
 sequence, verifies them in the same forward pass as everything else and emits the accepted ones
 plus one; see ``quantkit.runtime.spec``. Counters are in ``spec_metrics``.
+
+``async_scheduling=True`` launches each steady decode step before the previous step's tokens
+reach the host, so the host work overlaps the GPU's; see ``quantkit.runtime.async_step``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.kernels import kernel_mode
+from quantkit.runtime.async_step import AsyncStepper
 from quantkit.runtime.block_manager import BlockManager
 from quantkit.runtime.model_runner import ModelRunner, plan_num_blocks
 from quantkit.runtime.outputs import CompletionOutput, RequestOutput
@@ -47,7 +51,7 @@ class Engine:
                  enable_prefix_caching: bool = True, draft: str | None = None, num_speculative_tokens: int = 4,
                  speculative_method: str | None = None, ngram_min: int = 1, ngram_max: int = 3,
                  spec_max_batch: int = 32, adaptive_speculation: bool = True,
-                 cuda_graphs: bool | str = True) -> None:
+                 cuda_graphs: bool | str = True, async_scheduling: bool = False) -> None:
         from quantkit.models.loading import LoadedModel, load_model
 
         spec = SpecOptions(speculative_method, draft, num_speculative_tokens, ngram_min, ngram_max,
@@ -86,6 +90,8 @@ class Engine:
         self.speculator = build_speculator(spec, draft_model, target_bytes=weight_bytes(loaded.model),
                                            num_blocks=num_blocks, block_size=block_size, decode_graphs=graphs,
                                            max_model_len=self.max_model_len)
+        # steady decode steps launch before the previous step's tokens reach the host (not with speculation)
+        self.async_stepper = AsyncStepper(self) if async_scheduling and self.speculator is None else None
         del loaded
 
     # ------------------------------------------------------------------ requests
@@ -122,6 +128,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         if self.speculator is not None:
             return self._speculative_step()
+        if self.async_stepper is not None:
+            return self.async_stepper.step()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []

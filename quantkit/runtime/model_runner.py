@@ -101,6 +101,20 @@ class ModelRunner:
         logits = self.graphs.run(ids, positions, slots, lens, tables)
         return {sched.seq.seq_id: logits[row:row + 1] for row, sched in enumerate(out.scheduled)}
 
+    def run_decode(self, seqs: list, positions: list[int], input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) of one decode token per sequence at ``positions``, whose input tokens are
+        already on the device (``input_ids`` (B,) int64: the previous step's samples, not yet known to
+        the host). Used by asynchronous scheduling; the blocks must already be allocated."""
+        slots = [self.block_manager.slots_for(seq, pos, 1)[0] for seq, pos in zip(seqs, positions)]
+        lens = [pos + 1 for pos in positions]
+        tables = [seq.block_table for seq in seqs]
+        if self.graphs is not None and self.graphs.fits(len(seqs), max(len(t) for t in tables)):
+            return self.graphs.run(input_ids, positions, slots, lens, tables)
+        batch = build_forward_batch([[0]] * len(seqs), positions, [[s] for s in slots], tables,
+                                    [1] * len(seqs), self.model.device)
+        batch.input_ids = input_ids.to(torch.int64)
+        return self.model.forward(batch, self.kv_cache)
+
     def _copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return

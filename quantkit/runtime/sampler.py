@@ -179,7 +179,7 @@ def _noise(shape: torch.Size | tuple[int, ...], device: torch.device, generators
     elif shared:
         part = torch.empty((len(shared), shape[1]), device=device)
         draw(part, None)
-        out[torch.tensor(shared, device=device)] = part
+        out[_to_device(shared, torch.int64, device)] = part
     for i, r in enumerate(rows):
         if r and generators[i] is not None:
             draw(out[i], generators[i])
@@ -212,8 +212,15 @@ def _min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
 
 
 def _column(values: list[float] | list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=device).unsqueeze(1)
+    return _to_device(values, torch.float32, device).unsqueeze(1)
 
 
 def _row_mask(values: list[bool], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.bool, device=device)
+    return _to_device(values, torch.bool, device)
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the device's queued work (a plain
+    ``torch.tensor(..., device=cuda)`` synchronizes the stream, which would stall an engine that
+    launches its next step before reading this one's tokens)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)

@@ -271,6 +271,13 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, want, seq.num_computed_tokens))
             budget -= want
 
+    def resume_decodes(self, scheduled: list[ScheduledSeq]) -> None:
+        """Mark decodes that were launched ahead of the last ``update`` as this step's schedule
+        (asynchronous scheduling: their blocks are allocated, their input is the last sampled token)."""
+        if self._pending:
+            raise RuntimeError("call update() with the results of the last schedule() first")
+        self._pending = {s.seq.seq_id: s for s in scheduled}
+
     # ------------------------------------------------------------ update
     def update(self, outputs: Mapping[int, Iterable[int]]) -> list[Sequence]:
         """Record the step's new tokens (by seq_id); return the sequences that finished.

@@ -108,7 +108,8 @@ def quantize_w4a16_in_place(model: LlamaForCausalLM) -> float:
 def measure_model(loaded, label: str, args, device: str, bandwidth: float | None, results: dict):
     """Latency, then throughput, on one engine; the throughput workload for the baseline."""
     engine = open_engine(loaded, device=device, dtype="auto", kv_cache_tokens=args.kv_cache_tokens,
-                         gpu_memory_utilization=args.gpu_memory_utilization)
+                         gpu_memory_utilization=args.gpu_memory_utilization,
+                         async_scheduling=args.async_scheduling)
     entry = results["models"].setdefault(label, {})
     try:
         entry["setup"] = {**engine_setup(engine, loaded.path, device), "model": label}
@@ -189,6 +190,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--async-scheduling", action="store_true",
+                    help="launch each decode step before the previous step's tokens reach the host")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     for key, value in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():

@@ -110,7 +110,7 @@ def engine_alone(loaded, args) -> dict:
         if not args.no_warmup:  # the whole workload once, untimed: same lengths, other prompts
             workload = make_workload(config, token_id_limit(engine), variant=WARMUP_VARIANT)
             started = time.perf_counter()
-            run = run_workload(engine, workload, None, make_clock(args.device))
+            run = run_workload(engine, workload, None, make_clock(args.device, engine))
             warmup = {"what": f"the workload's {len(workload)} requests once (same lengths, prompt tokens from "
                               f"(seed, {WARMUP_VARIANT})), all at once, untimed",
                       "seconds": time.perf_counter() - started, "output_tokens_per_s": run["output_tokens_per_s"]}

@@ -62,3 +62,20 @@ def test_bfloat16_engine_with_graphs_runs_the_bundled_target_sensibly():
     a = [o.outputs[0].token_ids[:4] for o in eager.generate(PROMPTS, GREEDY)]
     b = [o.outputs[0].token_ids[:4] for o in graphed.generate(PROMPTS, GREEDY)]
     assert a == b
+
+
+def test_async_scheduling_on_cuda_matches_the_synchronous_engine():
+    """CUDA graphs, pinned token copies and events: the same tokens and logprobs, steps overlapped."""
+    from quantkit.runtime.sampling_params import SamplingParams
+
+    params = [GREEDY, SamplingParams(temperature=0, max_tokens=7, ignore_eos=True, logprobs=True),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=12, ignore_eos=True), GREEDY]
+    outputs = {}
+    for async_scheduling in (False, True):
+        engine = Engine(device="cuda", dtype="float32", kv_cache_tokens=4096, async_scheduling=async_scheduling)
+        got = engine.generate(PROMPTS, params)
+        outputs[async_scheduling] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in got]
+        if async_scheduling:
+            assert engine.async_stepper.num_overlapped_steps > 10
+            assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert outputs[True] == outputs[False]
