@@ -127,14 +127,15 @@ class _Inbox:
         self.queue.put(command)
 
 
-class AsyncEngine:
-    """Owns an ``Engine`` on one thread; ``loader()`` builds it there (the server answers
-    ``/health`` with 503 until it has)."""
+class EngineHandle:
+    """What the server sees of an engine, wherever it runs (``AsyncEngine``: a thread of this
+    process; ``engine_process.ProcessEngine``: a child process): its state, what it serves, and
+    how many requests it holds."""
 
-    def __init__(self, loader: Callable[[], object], metrics: ServerMetrics | None = None,
-                 on_load_failure: Callable[[str], None] | None = None) -> None:
+    def __init__(self, loader: Callable[[], object], metrics: ServerMetrics,
+                 on_load_failure: Callable[[str], None] | None) -> None:
         self._loader = loader
-        self.metrics = metrics or ServerMetrics()
+        self.metrics = metrics
         self.on_load_failure = on_load_failure
         self.engine = None
         self.state = LOADING
@@ -144,12 +145,32 @@ class AsyncEngine:
         self.max_model_len = 0  # longest request (prompt + output) the engine takes
         self.vocab_size = 0
         self.tokenizer_size = 0
+        self._loaded = threading.Event()
+        self._in_flight = 0
+        self._closed = False  # the engine has ended: nothing sent to it is read
+
+    def wait_loaded(self, timeout: float | None = None) -> bool:
+        return self._loaded.wait(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+
+class AsyncEngine(EngineHandle):
+    """Owns an ``Engine`` on one thread; ``loader()`` builds it there (the server answers
+    ``/health`` with 503 until it has)."""
+
+    def __init__(self, loader: Callable[[], object], metrics: ServerMetrics | None = None,
+                 on_load_failure: Callable[[str], None] | None = None) -> None:
+        super().__init__(loader, metrics or ServerMetrics(), on_load_failure)
         self._inbox = _Inbox()
         self._thread = threading.Thread(target=self._run, name="quantkit-engine", daemon=True)
-        self._loaded = threading.Event()
         self._count_lock = threading.Lock()  # guards _in_flight, _closed and the order of adds
-        self._in_flight = 0
-        self._closed = False  # the engine thread has ended: nothing put in the inbox is read
         # Engine-thread state.
         self._pending: deque[_Submission] = deque()
         self._live: dict[str, _Live] = {}
@@ -164,17 +185,6 @@ class AsyncEngine:
     def start(self) -> AsyncEngine:
         self._thread.start()
         return self
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        return self._loaded.wait(timeout)
-
-    @property
-    def ready(self) -> bool:
-        return self.state == READY
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
 
     def begin_drain(self, timeout: float) -> None:
         """Refuse new requests; abort whatever is still running ``timeout`` seconds from now."""

@@ -37,10 +37,10 @@ from quantkit.runtime.outputs import CompletionOutput, RequestOutput
 from quantkit.server.async_engine import (
     BROKEN,
     FAILED,
-    LOADING,
     READY,
     STOPPED,
     AsyncEngine,
+    EngineHandle,
     OutputStream,
     _Submission,
 )
@@ -195,29 +195,16 @@ class _Request:
         self.samples: dict[int, tuple[list[int], list[float] | None, str]] = {}
 
 
-class ProcessEngine:
+class ProcessEngine(EngineHandle):
     """``AsyncEngine``'s interface over an engine in a child process. ``loader`` must be picklable
     (a top-level function or a ``functools.partial`` of one): the child calls it to build the
     ``Engine``."""
 
     def __init__(self, loader: Callable[[], object], metrics=None,
                  on_load_failure: Callable[[str], None] | None = None) -> None:
-        self._loader = loader
-        self.metrics = _RemoteMetrics(self)
-        self.on_load_failure = on_load_failure
-        self.engine = None  # the Engine lives in the child
-        self.state = LOADING
-        self.problem: str | None = None
-        self.accepting = True
-        self.tokenizer = None
-        self.max_model_len = 0
-        self.vocab_size = 0
-        self.tokenizer_size = 0
-        self._loaded = threading.Event()
+        super().__init__(loader, _RemoteMetrics(self), on_load_failure)  # the Engine itself lives in the child
         self._lock = threading.Lock()  # guards _requests, _in_flight, _closed and sends to the child
         self._requests: dict[str, _Request] = {}
-        self._in_flight = 0
-        self._closed = False
         self._metrics_reply: tuple[threading.Event, list] | None = None
         self._metrics_lock = threading.Lock()
         context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
@@ -237,17 +224,6 @@ class ProcessEngine:
         self._reader.start()
         self._writer.start()
         return self
-
-    def wait_loaded(self, timeout: float | None = None) -> bool:
-        return self._loaded.wait(timeout)
-
-    @property
-    def ready(self) -> bool:
-        return self.state == READY
-
-    @property
-    def in_flight(self) -> int:
-        return self._in_flight
 
     def begin_drain(self, timeout: float) -> None:
         self.accepting = False
