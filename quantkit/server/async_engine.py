@@ -160,6 +160,16 @@ class EngineHandle:
     def in_flight(self) -> int:
         return self._in_flight
 
+    def _admit_locked(self, limit: int | None) -> None:
+        """Count one more request in flight, or refuse it: 503 once closed, 429 at ``limit``. The
+        caller holds the lock that guards the count."""
+        if self._closed:
+            raise unavailable("the server is shutting down", code="shutting_down")
+        if limit is not None and self._in_flight >= limit:
+            raise APIError(429, f"the server is at its limit of {limit} requests in flight; retry later",
+                           RATE_LIMIT, code="queue_full", headers={"Retry-After": "1"})
+        self._in_flight += 1
+
 
 class AsyncEngine(EngineHandle):
     """Owns an ``Engine`` on one thread; ``loader()`` builds it there (the server answers
@@ -205,12 +215,7 @@ class AsyncEngine(EngineHandle):
         self.check_serving()
         stream = OutputStream(asyncio.get_running_loop(), self._release)
         with self._count_lock:  # the engine thread's last drain of the inbox happens under it too
-            if self._closed:
-                raise unavailable("the server is shutting down", code="shutting_down")
-            if limit is not None and self._in_flight >= limit:
-                raise APIError(429, f"the server is at its limit of {limit} requests in flight; retry later",
-                               RATE_LIMIT, code="queue_full", headers={"Retry-After": "1"})
-            self._in_flight += 1
+            self._admit_locked(limit)
             self._inbox.put("add", _Submission(request_id, prompt_ids, params, streaming, stream,
                                                time.perf_counter()))
         return stream

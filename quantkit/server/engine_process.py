@@ -44,7 +44,7 @@ from quantkit.server.async_engine import (
     OutputStream,
     _Submission,
 )
-from quantkit.server.errors import RATE_LIMIT, APIError, unavailable
+from quantkit.server.errors import APIError, unavailable
 from quantkit.server.metrics import ServerMetrics
 
 logger = logging.getLogger("quantkit.server")
@@ -113,15 +113,11 @@ def _common(old: list, new: list) -> int:
     n = len(old)
     if n <= len(new) and new[:n] == old:
         return n
-    k = 0
-    for a, b in zip(old, new):
-        if a != b:
-            break
-        k += 1
-    return k
+    return _common_text(old, new)
 
 
-def _common_text(old: str, new: str) -> int:
+def _common_text(old, new) -> int:
+    """The length of the common prefix of two sequences, element by element."""
     k = 0
     for a, b in zip(old, new):
         if a != b:
@@ -246,12 +242,7 @@ class ProcessEngine(EngineHandle):
         self.check_serving()
         stream = OutputStream(asyncio.get_running_loop(), self._release)
         with self._lock:
-            if self._closed:
-                raise unavailable("the server is shutting down", code="shutting_down")
-            if limit is not None and self._in_flight >= limit:
-                raise APIError(429, f"the server is at its limit of {limit} requests in flight; retry later",
-                               RATE_LIMIT, code="queue_full", headers={"Retry-After": "1"})
-            self._in_flight += 1
+            self._admit_locked(limit)
             self._requests[request_id] = _Request(stream)
             self._send_locked(("add", request_id, prompt_ids, params, streaming, time.perf_counter()))
         return stream
