@@ -22,6 +22,22 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Folders whose tests work on tiny tensors: one torch thread there, since on a small shared machine
+# OpenMP threads competing with other processes make these small ops tens of times slower.
+ONE_THREAD_FOLDERS = {"distill", "sparsity", "w8a8"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_tensors(request):
+    if request.node.path.parent.name not in ONE_THREAD_FOLDERS:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @dataclass
 class CliResult:
     code: int

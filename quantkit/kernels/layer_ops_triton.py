@@ -52,13 +52,7 @@ def add_rms_norm_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: 
     _check_rows(x, "x")
     rows, n = x.shape
     out = torch.empty(rows, n, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    if residual is None:
-        summed = x
-    else:
-        _check_rows(residual, "residual")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
-        summed = torch.empty_like(x)
+    summed = summed_output(x, residual)
     if rows:
         block = next_power_of_2(n)
         _add_rms_norm_kernel[(rows,)](
@@ -134,6 +128,16 @@ def silu_and_mul_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(rows, triton.cdiv(n, block))](gate, up, out, n, gate.stride(0), up.stride(0),
                                                            out.stride(0), BLOCK=block, num_warps=4)
     return out
+
+
+def summed_output(x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """Where a residual-add kernel writes x + residual: a new tensor, or x itself without a residual."""
+    if residual is None:
+        return x
+    _check_rows(residual, "residual")
+    if residual.shape != x.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
+    return torch.empty_like(x)
 
 
 def _check_rows(t: torch.Tensor, name: str) -> None:

@@ -19,6 +19,7 @@ from quantkit.kernels.layer_ops_triton import (
     _warps,
     add_rms_norm_row,
     silu_and_mul_row,
+    summed_output,
 )
 from quantkit.kernels.quant_fused import QuantizedInput
 from quantkit.quant.w8a8 import MIN_SCALE, qmax, storage_dtype
@@ -87,13 +88,7 @@ def add_rms_norm_quant_triton(x: torch.Tensor, residual: torch.Tensor | None, we
     _check_rows(x, "x")
     rows, n = x.shape
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
-    if residual is None:
-        summed = x
-    else:
-        _check_rows(residual, "residual")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} does not match x {tuple(x.shape)}")
-        summed = torch.empty_like(x)
+    summed = summed_output(x, residual)
     q, scale = _outputs(rows, n, kind, input_scale, x.device)
     if rows:
         block = next_power_of_2(n)

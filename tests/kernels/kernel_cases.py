@@ -45,6 +45,13 @@ def assert_close_scaled(
     assert error <= RELATIVE_TOLERANCE[dtype], f"relative error {error:.3g} for {dtype}"
 
 
+# (new tokens per sequence, total length per sequence) of paged batches: a full prefill, decodes, a
+# prefill chunk behind a cached prefix, speculative verification (1 + 3 tokens), lengths off the block size
+MIXED = ([7, 1, 5, 1, 4], [7, 23, 37, 1, 19])
+PREFILL_ONLY = ([12, 3], [12, 30])
+DECODE_ONLY = ([1, 1, 1, 1], [5, 16, 33, 70])
+
+
 @dataclass
 class PagedBatch:
     q: torch.Tensor

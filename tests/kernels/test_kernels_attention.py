@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from kernel_cases import (
     BF16_DOT,
+    DECODE_ONLY,
+    MIXED,
+    PREFILL_ONLY,
     SKIP_INTERPRETED_BF16_DOT,
     assert_close_scaled,
     needs_triton,
@@ -16,12 +19,6 @@ from kernel_cases import (
 )
 
 from quantkit.kernels import paged_attention_reference
-
-# (new tokens per sequence, total length per sequence): a full prefill, decodes, a prefill chunk
-# behind a cached prefix, speculative verification (1 + 3 tokens), lengths off the block size
-MIXED = ([7, 1, 5, 1, 4], [7, 23, 37, 1, 19])
-PREFILL_ONLY = ([12, 3], [12, 30])
-DECODE_ONLY = ([1, 1, 1, 1], [5, 16, 33, 70])
 
 
 def _sdpa(q, keys, values, scale):

@@ -7,6 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from kernel_cases import (
+    DECODE_ONLY,
+    MIXED,
+    PREFILL_ONLY,
     assert_close_scaled,
     needs_triton,
     not_interpreted,
@@ -18,9 +21,6 @@ from quantkit.kernels import paged_attention_reference, write_kv_reference
 from quantkit.kernels.kv_quant import KV_CACHE_DTYPES
 from quantkit.quant.w8a8 import dequantize, quantize
 
-MIXED = ([7, 1, 5, 1, 4], [7, 23, 37, 1, 19])
-PREFILL_ONLY = ([12, 3], [12, 30])
-DECODE_ONLY = ([1, 1, 1, 1], [5, 16, 33, 70])
 KINDS = ["int", "float"]
 
 
