@@ -201,6 +201,7 @@ def run_all(args) -> None:
                   file=sys.stderr, flush=True)
             subprocess.run(command, env=env, check=True)
             results[n] = json.loads(out.read_text())
+            print(json.dumps(results[n]), file=sys.stderr, flush=True)  # kept in the log if a later count is cut off
     report(results, args)
 
 

@@ -76,6 +76,13 @@ for phase in "$@"; do
         done
       done
       python -c "import glob, json, sys; json.dump({f: json.load(open(f)) for f in sorted(glob.glob('/tmp/spec_*.json'))}, open(sys.argv[1], 'w'), indent=1)" "$OUT/spec.json" ;;
+    multi-gpu)
+      # issue 8: torchrun on every GPU of the host; NVLink multicast stays off (the device tool's KINDS.md says why)
+      export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+      timeout 340 python scripts/gpu/bench_quantize_multi_gpu.py --gpus 1,2 --layers "${MULTI_GPU_LAYERS:-6}" \
+        --json "$OUT/quantize_70b_multi_gpu.json" > "$OUT/quantize_70b_multi_gpu.txt" 2>&1
+      timeout 200 python -m pytest -q -p no:cacheprovider -m gpu tests/test_data_parallel_cli.py \
+        > "$OUT/gpu_tests_multi.txt" 2>&1 ;;
     *) echo "unknown phase $phase" ;;
   esac
   echo "$phase: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/phases.txt"
