@@ -175,8 +175,10 @@ def evaluate(
     input_len: Annotated[int, typer.Option(help="--latency: prompt tokens (random ids).")] = 128,
     output_len: Annotated[int, typer.Option(help="--latency: output tokens per request.")] = 128,
     repetitions: Annotated[int, typer.Option(help="--latency: timed requests (median and p99 over them).")] = 10,
-    async_scheduling: Annotated[bool, typer.Option(
-        "--async-scheduling", help="--latency: launch each decode step before the previous step's tokens reach the host.")] = False,
+    async_scheduling: Annotated[Optional[bool], typer.Option(
+        "--async-scheduling/--no-async-scheduling",
+        help="--latency: launch each decode step before the previous step's tokens reach the host [default: on CUDA].",
+        show_default=False)] = None,
 ) -> None:
     """Perplexity, parameter count and size of a model; beside a baseline, also the share of
     positions where both predict the same next token and the mean KL divergence between them.
@@ -204,7 +206,7 @@ def evaluate(
 
 
 def _eval_latency(model, baseline, input_len, output_len, repetitions, device, dtype, as_json, output_json,
-                  async_scheduling=False) -> None:
+                  async_scheduling=None) -> None:
     from quantkit.eval.bench_report import render_latency, to_json, write_json
     from quantkit.eval.latency import LatencyConfig, run_latency_pair
 
@@ -258,8 +260,10 @@ def bench(
     baseline_requests: Annotated[Optional[int], typer.Option(help="--baseline: run only the first N requests (default: all).")] = None,
     draft: Annotated[Optional[str], typer.Option(help="Draft model for speculative decoding (if the engine supports it).")] = None,
     num_speculative_tokens: Annotated[Optional[int], typer.Option(help="--draft: tokens proposed per step.")] = None,
-    async_scheduling: Annotated[bool, typer.Option(
-        "--async-scheduling", help="Launch each decode step before the previous step's tokens reach the host.")] = False,
+    async_scheduling: Annotated[Optional[bool], typer.Option(
+        "--async-scheduling/--no-async-scheduling",
+        help="Launch each decode step before the previous step's tokens reach the host [default: on CUDA].",
+        show_default=False)] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", help="Write the results as JSON to this file ('-': stdout).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of throughput against concurrency (needs matplotlib).")] = None,
 ) -> None:

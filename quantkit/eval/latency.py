@@ -84,15 +84,15 @@ def make_clock(device: str, engine=None) -> Callable[[], float]:
 def open_engine(model: str | None, *, device: str = "cpu", dtype: str = "auto", kv_cache_tokens: int | None = None,
                 gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
                 draft: str | None = None, num_speculative_tokens: int | None = None,
-                async_scheduling: bool = False):
+                async_scheduling: bool | None = None):
     """An ``Engine``; ``draft``/``num_speculative_tokens`` only where this engine supports them."""
     from quantkit.runtime.engine import Engine
 
     options = {"device": device, "dtype": dtype, "kv_cache_tokens": kv_cache_tokens,
                "gpu_memory_utilization": gpu_memory_utilization, "max_num_seqs": max_num_seqs,
                "max_num_batched_tokens": max_num_batched_tokens}
-    if async_scheduling:  # passed only when asked: engines without the option still open
-        options["async_scheduling"] = True
+    if async_scheduling is not None:  # passed only when asked: engines without the option still open
+        options["async_scheduling"] = async_scheduling
     accepted = inspect.signature(Engine.__init__).parameters
     for name, value in (("draft", draft), ("num_speculative_tokens", num_speculative_tokens)):
         if value is None:
@@ -285,7 +285,7 @@ def latency_result(timings: list[RequestTiming], config: LatencyConfig) -> dict:
 
 def run_latency(model: str | None, config: LatencyConfig, *, device: str = "cpu", dtype: str = "auto",
                 draft: str | None = None, num_speculative_tokens: int | None = None,
-                async_scheduling: bool = False, progress: bool = True) -> dict:
+                async_scheduling: bool | None = None, progress: bool = True) -> dict:
     """Single-request latency of ``model`` with the bandwidth limit beside the decode speed; the
     KV cache is sized to one request."""
     from quantkit.eval.bandwidth import measure_copy_bandwidth

@@ -411,7 +411,7 @@ class EngineOptions:
     max_num_batched_tokens: int = 2048
     draft: str | None = None
     num_speculative_tokens: int | None = None
-    async_scheduling: bool = False
+    async_scheduling: bool | None = None  # None: the engine's default (on for CUDA)
 
 
 def run_bench(model: str | None, config: BenchConfig, options: EngineOptions, progress: bool = True) -> dict:

@@ -10,8 +10,9 @@ Speculative decoding (``draft=`` a small model with the same tokenizer, or
 sequence, verifies them in the same forward pass as everything else and emits the accepted ones
 plus one; see ``quantkit.runtime.spec``. Counters are in ``spec_metrics``.
 
-``async_scheduling=True`` launches each steady decode step before the previous step's tokens
-reach the host, so the host work overlaps the GPU's; see ``quantkit.runtime.async_step``.
+``async_scheduling`` (default: on CUDA devices) launches each steady decode step before the
+previous step's tokens reach the host, so the host work overlaps the GPU's; see
+``quantkit.runtime.async_step``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Engine:
                  enable_prefix_caching: bool = True, draft: str | None = None, num_speculative_tokens: int = 4,
                  speculative_method: str | None = None, ngram_min: int = 1, ngram_max: int = 3,
                  spec_max_batch: int = 32, adaptive_speculation: bool = True,
-                 cuda_graphs: bool | str = True, async_scheduling: bool = False) -> None:
+                 cuda_graphs: bool | str = True, async_scheduling: bool | None = None) -> None:
         from quantkit.models.loading import LoadedModel, load_model
 
         spec = SpecOptions(speculative_method, draft, num_speculative_tokens, ngram_min, ngram_max,
@@ -90,7 +91,10 @@ class Engine:
         self.speculator = build_speculator(spec, draft_model, target_bytes=weight_bytes(loaded.model),
                                            num_blocks=num_blocks, block_size=block_size, decode_graphs=graphs,
                                            max_model_len=self.max_model_len)
-        # steady decode steps launch before the previous step's tokens reach the host (not with speculation)
+        # steady decode steps launch before the previous step's tokens reach the host (not with speculation);
+        # by default on CUDA, where it hides the host's work (on the CPU nothing runs beside the host)
+        if async_scheduling is None:
+            async_scheduling = torch_device.type == "cuda"
         self.async_stepper = AsyncStepper(self) if async_scheduling and self.speculator is None else None
         del loaded
 

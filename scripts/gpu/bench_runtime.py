@@ -190,8 +190,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kv-cache-tokens", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="launch each decode step before the previous step's tokens reach the host")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="launch each decode step before the previous step's tokens reach the host "
+                         "(default: the engine's, on for CUDA)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     for key, value in (TINY_DEFAULTS if args.tiny else FULL_DEFAULTS).items():

@@ -85,11 +85,11 @@ for phase in "$@"; do
         > "$OUT/gpu_tests_multi.txt" 2>&1 ;;
     profile-decode)
       # issue 4: batch-1 decode step, GPU busy against wall, synchronous and asynchronous scheduling
-      for variant in "" "--async-scheduling" "--w4a16" "--w4a16 --async-scheduling"; do
+      for variant in "--no-async-scheduling" "" "--w4a16 --no-async-scheduling" "--w4a16"; do
         name=profile$(echo "$variant" | tr -d ' -' | sed 's/scheduling//'); name=${name:-profile}
         timeout 150 python scripts/gpu/profile_decode.py $variant --json "/tmp/$name.json" >> "$OUT/profile_decode.txt" 2>&1
       done
-      tar czf "$OUT/profile_decode_json.tgz" -C /tmp profile.json profileasync.json profilew4a16.json profilew4a16async.json ;;
+      (cd /tmp && tar czf "$OUT/profile_decode_json.tgz" profile*.json) ;;
     profile-gptq)
       # issue 8: where GPTQ's time goes on a 70B-shaped layer, and how the column solve scales with the rows kept
       timeout 240 python scripts/gpu/profile_gptq_layer.py --json "$OUT/profile_gptq.json" > "$OUT/profile_gptq.txt" 2>&1 ;;

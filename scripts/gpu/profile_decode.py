@@ -7,7 +7,7 @@ tokens under ``torch.profiler``. Prints the wall time per decode step, the GPU b
 (sum of kernel times), the gap between them (host time the GPU waits for) and the kernels that
 take the most time per step; ``--json`` keeps it.
 
-    python scripts/gpu/profile_decode.py [--w4a16] [--async-scheduling] [--json out.json]
+    python scripts/gpu/profile_decode.py [--w4a16] [--no-async-scheduling] [--json out.json]
 """
 
 from __future__ import annotations
@@ -53,8 +53,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
-    ap.add_argument("--async-scheduling", action="store_true",
-                    help="the engine launches each decode step before the previous step's tokens reach the host")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="the engine launches each decode step before the previous step's tokens reach the host "
+                         "(default: the engine's, on for CUDA)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--tiny", action="store_true", help="a small shape on the CPU (checks the script)")
     args = ap.parse_args()
@@ -66,7 +67,7 @@ def main() -> None:
     label = "w4a16" if args.w4a16 else "bf16"
     engine = open_engine(in_memory(model, label), device=device, dtype="auto", kv_cache_tokens=8192,
                          async_scheduling=args.async_scheduling)
-    label += " async" if args.async_scheduling else ""
+    label += " async" if engine.async_stepper is not None else " sync"
     rng = np.random.default_rng(0)
     prompt = lambda: rng.integers(0, shape["vocab_size"], args.input_len).tolist()
     try:
