@@ -76,7 +76,8 @@ def compress(model: str | None, recipe: Recipe, output: str | Path, *, overwrite
             on_start(num_layers)
         result = quantize_model(loaded.model, loaded.adapter, recipe, device=device, samples=samples,
                                 batch_size=batch_size, offload_activations=offload_activations, on_layer=on_layer,
-                                data_parallel=ranks.group, layer_weights=loaded.layer_weights)
+                                data_parallel=ranks.group, layer_weights=loaded.layer_weights,
+                                keep_quantized=ranks.is_main)
         sparsity = _record_sparsity(loaded, recipe)
         if ranks.is_main:
             if sparsity is not None:

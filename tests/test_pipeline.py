@@ -81,3 +81,15 @@ def test_calibration_methods_need_samples():
     model = tiny_llama()
     with pytest.raises(ValueError, match="needs calibration samples"):
         quantize_model(model, get_adapter(model), weight_quant_recipe("w4a16", group_size=32, method="gptq"))
+
+
+def test_a_rank_that_writes_nothing_keeps_names_not_weights():
+    # data-parallel ranks other than 0 would otherwise hold the whole quantized model in host memory
+    recipe = weight_quant_recipe("w4a16", group_size=32, method="gptq")
+    kept, dropped = tiny_llama(), tiny_llama()
+    full = quantize_model(kept, get_adapter(kept), recipe, samples=calibration(8, 32), batch_size=4)
+    names = quantize_model(dropped, get_adapter(dropped), recipe, samples=calibration(8, 32), batch_size=4,
+                           keep_quantized=False)
+    assert list(names.quantized) == list(full.quantized) and set(names.quantized.values()) == {None}
+    for name in full.quantized:  # the model itself is quantized the same way
+        assert torch.equal(weight_out_in(dropped.get_submodule(name)), weight_out_in(kept.get_submodule(name)))

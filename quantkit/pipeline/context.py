@@ -39,6 +39,13 @@ class PipelineResult:
     layers: list[LayerReport]
     skipped: list[str]
     peak_device_bytes: int | None = None
+    # False on data-parallel ranks that write nothing: names are kept (None values), not the
+    # weights, which would cost every rank the whole quantized model in host memory
+    keep_quantized: bool = True
+
+    def keep(self, name: str, record_on_device) -> None:
+        """Record a quantized linear, moved to host memory where it is kept."""
+        self.quantized[name] = record_on_device() if self.keep_quantized else None
 
 
 @dataclass
@@ -83,7 +90,7 @@ class LayerContext:
         diff = torch.linalg.norm(original.float() - represented)
         self.report.errors[name] = (diff / torch.linalg.norm(original.float()).clamp_min(1e-12)).item()
         set_weight_out_in(module, represented.to(original.dtype))
-        self.result.quantized[name] = _to_cpu(qweight)
+        self.result.keep(name, lambda: _to_cpu(qweight))
 
     @cached_property
     def replay(self) -> ReplayCache:

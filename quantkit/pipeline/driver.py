@@ -49,7 +49,8 @@ def check_recipe_fits(model: nn.Module, adapter: ModelAdapter, recipe: Recipe) -
 def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, device: str | torch.device = "cpu",
                    samples: torch.Tensor | None = None, batch_size: int = 4, offload_activations: bool = False,
                    replay_budget_bytes: int | None = None, data_parallel: DataParallel | None = None,
-                   layer_weights=None, on_layer: Callable[[LayerReport], None] | None = None) -> PipelineResult:
+                   layer_weights=None, on_layer: Callable[[LayerReport], None] | None = None,
+                   keep_quantized: bool = True) -> PipelineResult:
     """Apply the recipe's weight step to every decoder layer, one layer at a time.
 
     ``samples`` (N, L) token ids are required by calibration methods (GPTQ, AWQ) and ignored by
@@ -60,7 +61,8 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
     share and the statistics are summed over ranks, so every rank computes the same weights.
     ``layer_weights`` (``models.lazy_loading.LazyLayers``) reads each layer's float tensors just
     before the layer is worked on (the model was built with its layers on the meta device) and
-    drops its quantized linears' float weights once it is done.
+    drops its quantized linears' float weights once it is done. ``keep_quantized=False`` (a
+    data-parallel rank that writes nothing) records which linears were quantized, not their weights.
     """
     step = recipe.weight_step
     device = torch.device(device)
@@ -78,7 +80,7 @@ def quantize_model(model: nn.Module, adapter: ModelAdapter, recipe: Recipe, *, d
                                              storage=storage)
         if replay_budget_bytes is None:
             replay_budget_bytes = default_replay_budget(batches, device)
-    result = PipelineResult(quantized={}, layers=[], skipped=[])
+    result = PipelineResult(quantized={}, layers=[], skipped=[], keep_quantized=keep_quantized)
     prefix = adapter.layer_prefix(model)
     scheme = step.quant_scheme() if step is not None else QuantScheme()
     sparsity_step = next((s for s in recipe.steps if isinstance(s, SparsityStep)), None)

@@ -74,7 +74,7 @@ def _record(ctx: LayerContext, name: str, module: nn.Module, original: torch.Ten
     diff = torch.linalg.norm(original.float() - represented)
     ctx.report.errors[name] = (diff / torch.linalg.norm(original.float()).clamp_min(1e-12)).item()
     set_weight_out_in(module, represented.to(original.dtype))
-    ctx.result.quantized[name] = record.cpu()
+    ctx.result.keep(name, record.cpu)
 
 
 def _activation_rounding(kind: str, input_scale: torch.Tensor | None):
