@@ -425,6 +425,7 @@ def test_cuda_matches_cpu(scheme, config):
     ],
 )
 def test_cuda_graph_replay_equals_eager_cuda(scheme, config, monkeypatch):
+    monkeypatch.setattr(gptq_module, "GPTQ_BLOCK_KERNEL", False)  # the graph path, not the kernel
     weight, h = random_weight().cuda(), hessian_of(correlated_inputs()).cuda()
     graphed, graphed_loss = gptq_quantize(weight, h, scheme, config)
     monkeypatch.setattr(gptq_module, "CUDA_GRAPHS", False)

@@ -22,8 +22,10 @@ Python work, not arithmetic):
 * a column costs six small tensor operations (divide, round, clamp, error, scale, rank-1
   update) and no host synchronisation; clamping ``round(w / s)`` to ``[-zero, maxq - zero]``
   keeps the zero point out of the loop, and codes are shifted and un-permuted once at the end;
-* on CUDA each block's column loop runs in fixed buffers and is captured once as a CUDA graph,
-  then replayed for every block of that size (``CUDA_GRAPHS = False`` turns this off);
+* on CUDA with Triton each block's column loop is one kernel (``kernels/gptq_block_triton.py``),
+  a program per tile of rows; without Triton (or with ``GPTQ_BLOCK_KERNEL = False``) it runs in
+  fixed buffers and is captured once as a CUDA graph, then replayed for every block of that size
+  (``CUDA_GRAPHS = False`` turns this off);
 * with dynamic groups, blocks are cut so that each group starts a block: its scales are then
   computed outside the graph, from weights that already hold every earlier update;
 * the loss is summed per block on the device and read once, with the Cholesky check the only
@@ -44,6 +46,7 @@ from quantkit.quant.rtn import QuantizedWeight, default_g_idx
 from quantkit.quant.scheme import QuantScheme, check_group_size
 
 CUDA_GRAPHS = True  # replay each block's column loop as a CUDA graph on CUDA devices
+GPTQ_BLOCK_KERNEL = True  # on CUDA with Triton, run each block's column loop as one Triton kernel
 
 
 @dataclass(frozen=True)
@@ -229,29 +232,30 @@ def _quantize_columns(
 
 
 class _BlockRunner:
-    """Quantizes the columns of one block in place, in fixed buffers of ``size`` columns.
+    """Quantizes the columns of one block, ``size`` columns over ``rows`` rows at a time.
 
-    On CUDA the column loop (six small kernels per column) is captured once as a CUDA graph
-    and replayed for every later block of the same size, so a block costs a few launches
-    instead of one Python round per kernel. The first block of each size runs eagerly, which
-    also warms the kernels up before capture. On the CPU every block runs eagerly.
+    On CUDA with Triton the whole column loop is one kernel launch (``gptq_block_triton``),
+    reading the weights, parameters and ``hinv`` where they lie. Otherwise the loop is
+    ``gptq_block_reference`` in fixed buffers: on CUDA it is captured once as a CUDA graph and
+    replayed for every later block of the same size, so a block costs a few launches instead of
+    one Python round per kernel (the first block of each size runs eagerly, which also warms the
+    kernels up before capture); on the CPU every block runs eagerly. ``GPTQ_BLOCK_KERNEL = False``
+    or ``QUANTKIT_KERNELS=reference`` keep the graph on CUDA; ``QUANTKIT_KERNELS=triton`` runs
+    the kernel anywhere (on the CPU under ``TRITON_INTERPRET=1``).
     """
 
     def __init__(self, size: int, rows: int, device: torch.device) -> None:
+        from quantkit.kernels.backend import use_triton
+
         def buffer(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.float32, device=device)
 
-        self.weight, self.codes, self.errors = (
-            buffer(size, rows),
-            buffer(size, rows),
-            buffer(size, rows),
-        )
-        self.scale, self.low, self.high = (
-            buffer(size, rows),
-            buffer(size, rows),
-            buffer(size, rows),
-        )
-        self.hinv = buffer(size, size)
+        self.errors = buffer(size, rows)
+        self._kernel = GPTQ_BLOCK_KERNEL and use_triton(self.errors)
+        if not self._kernel:  # the loop's fixed inputs and outputs
+            self.weight, self.codes = buffer(size, rows), buffer(size, rows)
+            self.scale, self.low, self.high = (buffer(size, rows) for _ in range(3))
+            self.hinv = buffer(size, size)
         self._use_graph = CUDA_GRAPHS and device.type == "cuda"
         self._graph: torch.cuda.CUDAGraph | None = None
         self._eager_runs = 0
@@ -266,6 +270,14 @@ class _BlockRunner:
         out_codes: torch.Tensor,
     ) -> torch.Tensor:
         """Quantize ``weight_t`` (size, out); write codes minus zero; return the scaled errors."""
+        if self._kernel:
+            from quantkit.kernels.gptq_block_triton import gptq_block_triton
+
+            gptq_block_triton(
+                weight_t, hinv, params.scales, params.low, params.high, group_index,
+                codes=out_codes, errors=self.errors,
+            )
+            return self.errors
         self.weight.copy_(weight_t)
         self.hinv.copy_(hinv)
         torch.index_select(params.scales, 0, group_index, out=self.scale)
@@ -285,24 +297,12 @@ class _BlockRunner:
         return self.errors
 
     def _steps(self) -> None:
-        weight, size = self.weight, self.weight.shape[0]
-        column, code, error = (
-            weight.unbind(0),
-            self.codes.unbind(0),
-            self.errors.unbind(0),
+        from quantkit.kernels.gptq_block import gptq_block_reference
+
+        gptq_block_reference(
+            self.weight, self.hinv, self.scale, self.low, self.high,
+            codes=self.codes, errors=self.errors,
         )
-        scale, low, high = self.scale.unbind(0), self.low.unbind(0), self.high.unbind(0)
-        hinv_row, hinv_diag = self.hinv.unbind(0), self.hinv.diagonal().unbind(0)
-        for j in range(size):
-            c, e = code[j], error[j]
-            torch.div(column[j], scale[j], out=c)
-            c.round_().clamp_(
-                low[j], high[j]
-            )  # = round(w / s) + zero, clamped, minus zero
-            torch.addcmul(column[j], c, scale[j], value=-1, out=e)
-            e.div_(hinv_diag[j])
-            if j + 1 < size:
-                weight[j + 1 :].addr_(hinv_row[j][j + 1 :], e, alpha=-1)
 
 
 def _block_bounds(
