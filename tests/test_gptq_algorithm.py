@@ -19,7 +19,7 @@ import torch
 
 from quantkit.errors import QuantkitError
 from quantkit.quant import gptq as gptq_module
-from quantkit.quant.gptq import GPTQConfig, gptq_quantize
+from quantkit.quant.gptq import GPTQConfig, gptq_quantize, prepare_hessian
 from quantkit.quant.hessian import HessianAccumulator
 from quantkit.quant.qdq import max_code
 from quantkit.quant.rtn import QuantizedWeight, default_g_idx, rtn_quantize
@@ -382,6 +382,37 @@ def test_overwriting_the_hessian_gives_the_same_result_and_frees_it(act_order):
     reused, _ = gptq_quantize(weight, h, scheme, config, overwrite_hessian=True)
     assert torch.equal(copied.codes, reused.codes) and torch.equal(copied.scales, reused.scales)
     assert h.numel() == 0  # its memory went back as soon as the factorisation no longer needed it
+
+
+@pytest.mark.parametrize(("scheme", "config"), SCHEMES_AND_CONFIGS)
+def test_linears_sharing_a_prepared_hessian_equal_separate_calls(scheme, config):
+    # q, k and v read the same inputs (two of them dead): factored once, each result is the one
+    # gptq_quantize gives from the raw Hessian, bit for bit
+    x = correlated_inputs()
+    x[:, [10, 130]] = 0.0
+    q, k, v = random_weight(1), random_weight(2)[:32] * 3, random_weight(3)[:32].half()
+    separate = [gptq_quantize(weight, hessian_of(x), scheme, config) for weight in (q, k, v)]
+    h = hessian_of(x)
+    prepared = prepare_hessian(h, scheme, config, overwrite_hessian=True)
+    assert h.numel() == 0  # only the factor is kept
+    for weight, (expected, expected_loss) in zip((q, k, v), separate):
+        qw, loss = gptq_quantize(weight, prepared, scheme, config)
+        assert torch.equal(qw.codes, expected.codes) and torch.equal(qw.scales, expected.scales)
+        assert torch.equal(qw.zeros, expected.zeros) and torch.equal(qw.g_idx, expected.g_idx)
+        assert loss == expected_loss
+
+
+def test_prepared_hessian_is_refused_with_other_settings():
+    scheme, config = QuantScheme(bits=4, group_size=128), GPTQConfig()
+    prepared = prepare_hessian(hessian_of(correlated_inputs()), scheme, config)
+    with pytest.raises(QuantkitError, match="prepared for group size 128"):
+        gptq_quantize(random_weight(), prepared, QuantScheme(bits=4, group_size=64), config)
+    with pytest.raises(QuantkitError, match="prepare it with the settings"):
+        gptq_quantize(random_weight(), prepared, scheme, GPTQConfig(act_order=True))
+    with pytest.raises(QuantkitError, match="must be \\(128, 128\\)"):
+        gptq_quantize(random_weight()[:, :128], prepared, scheme, config)
+    with pytest.raises(QuantkitError, match="square"):
+        prepare_hessian(torch.eye(IN_FEATURES)[:100], scheme, config)
 
 
 def test_empty_hessian_accumulator_is_an_error():

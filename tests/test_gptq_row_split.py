@@ -6,7 +6,7 @@ kernels by shape."""
 import pytest
 import torch
 
-from quantkit.quant.gptq import GPTQConfig, gptq_quantize
+from quantkit.quant.gptq import GPTQConfig, gptq_quantize, prepare_hessian
 from quantkit.quant.scheme import QuantScheme
 
 CONFIGS = {
@@ -29,11 +29,13 @@ def _problem(rows, cols, device, seed=0):
 def _check_blocks_equal_whole(rows, cols, device, blocks, scheme, config):
     weight, hessian = _problem(rows, cols, device)
     whole, _ = gptq_quantize(weight, hessian, scheme, config)
-    parts = [gptq_quantize(block, hessian, scheme, config)[0] for block in weight.tensor_split(blocks)]
-    assert torch.equal(torch.cat([p.codes for p in parts]), whole.codes)
-    assert torch.equal(torch.cat([p.scales for p in parts]), whole.scales)
-    assert torch.equal(torch.cat([p.zeros for p in parts]), whole.zeros)
-    assert all(torch.equal(p.g_idx, whole.g_idx) for p in parts)
+    prepared = prepare_hessian(hessian, scheme, config)  # as the pipeline shares it between linears
+    for shared in (hessian, prepared):
+        parts = [gptq_quantize(block, shared, scheme, config)[0] for block in weight.tensor_split(blocks)]
+        assert torch.equal(torch.cat([p.codes for p in parts]), whole.codes)
+        assert torch.equal(torch.cat([p.scales for p in parts]), whole.scales)
+        assert torch.equal(torch.cat([p.zeros for p in parts]), whole.zeros)
+        assert all(torch.equal(p.g_idx, whole.g_idx) for p in parts)
 
 
 @pytest.mark.parametrize("name", CONFIGS)

@@ -17,10 +17,18 @@ from __future__ import annotations
 
 import torch
 
-from quantkit.quant.awq_error import group_output_errors, row_chunks
+from quantkit.quant.awq_error import group_output_errors
 from quantkit.quant.qdq import compute_qparams, max_code
 from quantkit.quant.rtn import QuantizedWeight, quantize_on_grid
 from quantkit.quant.scheme import QuantScheme, check_group_size
+
+# The search scores every ratio at once, on batches of rows holding (ratios × rows × in) values.
+# On accelerators it is launch-bound, so batches are big (64 MiB a temporary). On the CPU every
+# pass over memory costs, so batches stay in cache (1 MiB a temporary), though never below 128
+# candidate rows: the error's (rows, size) @ (size, size) products slow down below that.
+_BATCH_ELEMENTS = 1 << 24
+_CPU_BATCH_ELEMENTS = 1 << 18
+_CPU_MIN_BATCH_ROWS = 128
 
 
 def full_ranges(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
@@ -49,12 +57,8 @@ def fake_quantize_clipped(weight: torch.Tensor, ranges: torch.Tensor, scheme: Qu
     Equal, bit for bit, to ``dequantize(quantize(...))`` with the same parameters, in fewer passes
     (the searches call it hundreds of times): ``clamp(round(w / scale), -zero, maxq - zero) * scale``.
     """
-    scales, zeros = range_qparams(ranges, scheme)
     groups = _grouped(weight.float(), scheme.group_size)
-    step = scales.unsqueeze(-1)
-    low = -zeros.to(torch.float32).unsqueeze(-1)
-    steps = torch.round(groups / step).clamp_(min=low, max=low + max_code(scheme.bits))
-    return (steps * step).reshape(weight.shape)
+    return _on_grids(groups, ranges, scheme).reshape(weight.shape)
 
 
 def search_clip_ranges(
@@ -67,9 +71,10 @@ def search_clip_ranges(
     """
     weight = weight.float()
     full = full_ranges(weight, scheme)
+    candidates = torch.tensor(ratios, dtype=torch.float32, device=weight.device)
     best = torch.ones(full.shape[:2], device=weight.device)
-    for rows in row_chunks(weight.shape[0], weight.shape[1]):
-        best[rows] = _best_ratios(weight[rows], full[rows], blocks, scheme, ratios)
+    for rows in _row_batches(weight.shape[0], weight.shape[1], len(ratios), weight.device):
+        best[rows] = _best_ratios(weight[rows], full[rows], blocks, scheme, candidates)
     return full * best.unsqueeze(-1)
 
 
@@ -94,17 +99,44 @@ def _best_ratios(
     full: torch.Tensor,
     blocks: torch.Tensor,
     scheme: QuantScheme,
-    ratios: list[float],
+    candidates: torch.Tensor,
 ) -> torch.Tensor:
-    best_error = torch.full(full.shape[:2], torch.inf, device=weight.device)
-    best_ratio = torch.ones_like(best_error)
-    for ratio in ratios:
-        delta = weight - fake_quantize_clipped(weight, full * ratio, scheme)
-        error = group_output_errors(delta, blocks)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    return best_ratio
+    """Per (row, group), the first of ``candidates`` (R,) float32 with the least output error.
+
+    All ratios are scored in one batch of tensor operations rather than one small round per
+    ratio (the search is launch-bound on GPUs). Each candidate goes through exactly the
+    arithmetic of quantizing alone, so the choice is the one-ratio-at-a-time loop's bit for bit:
+    that loop kept a ratio only when strictly better, i.e. the first minimum, which ``argmin``
+    returns; it never kept a NaN error, so NaNs count as infinite here; and it fell back to 1.0
+    where no error was below infinity, which is the first ratio.
+    """
+    ranges = full * candidates.reshape(-1, 1, 1, 1)  # (R, rows, n_groups, 2)
+    groups = _grouped(weight, scheme.group_size)
+    rounded = _on_grids(groups, ranges, scheme)  # (R, rows, n_groups, size)
+    deltas = torch.sub(groups, rounded, out=rounded).reshape(-1, weight.shape[1])
+    errors = group_output_errors(deltas, blocks).reshape(len(candidates), *full.shape[:2])
+    errors.masked_fill_(errors.isnan(), torch.inf)
+    return candidates[errors.argmin(dim=0)]
+
+
+def _row_batches(rows: int, in_features: int, count: int, device: torch.device) -> list[slice]:
+    """Slices of ``rows`` whose ``count`` candidates each are scored in one batch."""
+    per_row = count * max(in_features, 1)
+    if device.type == "cpu":
+        step = max(_CPU_BATCH_ELEMENTS // per_row, -(-_CPU_MIN_BATCH_ROWS // count))
+    else:
+        step = max(1, _BATCH_ELEMENTS // per_row)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def _on_grids(groups: torch.Tensor, ranges: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """``groups`` (out, n_groups, size) rounded onto the grids of ``ranges`` (..., out, n_groups, 2),
+    one result per leading index: ``clamp(round(w / scale), -zero, maxq - zero) * scale``."""
+    scales, zeros = range_qparams(ranges.reshape(-1, *ranges.shape[-2:]), scheme)
+    step = scales.reshape(ranges.shape[:-1]).unsqueeze(-1)
+    low = -zeros.to(torch.float32).reshape(ranges.shape[:-1]).unsqueeze(-1)
+    steps = torch.div(groups, step).round_().clamp_(min=low, max=low + max_code(scheme.bits))
+    return steps.mul_(step)
 
 
 def _grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -29,7 +29,10 @@ Python work, not arithmetic):
 * with dynamic groups, blocks are cut so that each group starts a block: its scales are then
   computed outside the graph, from weights that already hold every earlier update;
 * the loss is summed per block on the device and read once, with the Cholesky check the only
-  other host synchronisation.
+  other host synchronisation;
+* linears that read the same inputs (q, k, v; gate, up) share one Hessian, and ``prepare_hessian``
+  does once what GPTQ does to it (dead inputs, act-order, damping, the factorization) for all
+  of them.
 """
 
 from __future__ import annotations
@@ -99,9 +102,52 @@ class _GroupParams:
     high: torch.Tensor  # float32: maxq - zero, the largest
 
 
+@dataclass(frozen=True, eq=False)
+class PreparedHessian:
+    """A Hessian made ready for GPTQ once, for every linear that reads the same inputs.
+
+    The linears of a group (q, k and v; gate and up) share their inputs' Hessian, and all that
+    GPTQ does to it (dead inputs, act-order, damping, the Cholesky factor of the inverse, the clip
+    search's blocks) depends on the Hessian and the settings alone, not on the weight. Made by
+    ``prepare_hessian`` and passed to ``gptq_quantize`` in place of the Hessian, it spares every
+    further linear a factorization, and gives the same result bit for bit.
+    """
+
+    hinv_upper: torch.Tensor  # (in, in) upper Cholesky factor of the damped H⁻¹, in processing order
+    dead: torch.Tensor  # (in,) bool: inputs never seen (H_ii == 0), whose weights are zeroed
+    perm: torch.Tensor | None  # processing order under act-order
+    clip_blocks: torch.Tensor | None  # the clip search's diagonal blocks of the undamped H
+    group_size: int
+    config: GPTQConfig
+
+
+def prepare_hessian(
+    hessian: torch.Tensor,
+    scheme: QuantScheme,
+    config: GPTQConfig = GPTQConfig(),
+    *,
+    module_name: str = "<weight>",
+    overwrite_hessian: bool = False,
+) -> PreparedHessian:
+    """``hessian`` (in, in) made ready, on its own device, for ``gptq_quantize`` of each linear
+    that shares it under ``scheme`` and ``config``.
+
+    With ``overwrite_hessian`` a float32 ``hessian`` is used as working memory and freed, so
+    only the (in, in) factor is kept, however many linears then use it.
+    """
+    cols = _check_square(hessian, module_name)
+    check_group_size(cols, scheme.group_size, module_name)
+    h = _working_copy(hessian, hessian.device, overwrite_hessian)
+    dead = _fill_dead(h)
+    blocks = None
+    if config.clip_search and not _dynamic(scheme, config):
+        blocks = diagonal_blocks(h, scheme.group_size)  # fixed groups: original column order
+    return _factor(h, dead, blocks, scheme, config, module_name)
+
+
 def gptq_quantize(
     weight_out_in: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | PreparedHessian,
     scheme: QuantScheme,
     config: GPTQConfig = GPTQConfig(),
     *,
@@ -110,57 +156,134 @@ def gptq_quantize(
 ) -> tuple[QuantizedWeight, float]:
     """GPTQ-quantize a weight (out, in) given its inputs' Hessian (in, in).
 
+    ``hessian`` is the Hessian itself, or for linears that share one, what ``prepare_hessian``
+    made of it with the same scheme and config, on the weight's device: the result is the same.
     With ``overwrite_hessian`` a float32 ``hessian`` on the weight's device is used as working
-    memory (and left overwritten) instead of copied: the last linear of a group that shares one
-    Hessian saves a full matrix that way.
+    memory (and left overwritten) instead of copied, which saves a full matrix where no other
+    linear needs it (a ``PreparedHessian`` is never changed).
 
     Returns the quantized weight (codes in original column order; with act-order ``g_idx`` maps
     each column to its group in processing order) and the reference code's loss
     ``Σ (w - q)² / d² / 2``, for reporting. Works on the weight's device, in float32.
     """
     weight = weight_out_in.detach()
-    rows, cols = _check_shapes(weight, hessian, module_name)
+    shared = isinstance(hessian, PreparedHessian)
+    rows, cols = _check_shapes(weight, hessian.hinv_upper if shared else hessian, module_name)
     check_group_size(cols, scheme.group_size, module_name)
     device = weight.device
     w = weight.to(torch.float32, copy=True)
-    reuse = overwrite_hessian and hessian.dtype == torch.float32 and hessian.device == device
-    h = hessian if reuse else hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+    dynamic = _dynamic(scheme, config)
+    clip = _ClipSearch(config) if config.clip_search else None
+    if shared:
+        _check_prepared(hessian, scheme, config, device, module_name)
+        prepared = hessian
+        w.masked_fill_(prepared.dead, 0.0)
+        params = None if dynamic else _fixed_params_from_blocks(w, scheme, clip, prepared.clip_blocks)
+    else:
+        prepared, params = _prepare_alone(w, hessian, scheme, config, clip, module_name, overwrite_hessian)
     del hessian
 
-    dead = h.diagonal() == 0
-    h.diagonal().masked_fill_(dead, 1.0)
-    w.masked_fill_(dead, 0.0)
-
-    dynamic = scheme.group_size != -1 and not config.static_groups
-    clip = _ClipSearch(config) if config.clip_search else None
-    params = None if dynamic else _fixed_params(w, scheme, clip, h)
-    perm = _processing_order(h, config.act_order)
-    if perm is None:
-        weight_t = w.t().contiguous()
-    else:
-        weight_t = w.t().index_select(0, perm)
-        permuted = h.index_select(0, perm).index_select(1, perm)
-        _release(h)
-        h = permuted
+    perm = prepared.perm
+    weight_t = w.t().contiguous() if perm is None else w.t().index_select(0, perm)
     del w
     if clip is not None and dynamic:
-        clip.blocks = diagonal_blocks(h, scheme.group_size)  # groups follow processing order
-
-    h.diagonal().add_(config.damp_percent * h.diagonal().mean())
-    hinv_upper = _inverse_cholesky_upper(h, config.damp_percent, module_name)
-
+        clip.blocks = prepared.clip_blocks  # groups follow processing order
     group_index = _group_of_processed_column(
         cols, scheme.group_size, perm, dynamic, device
     )
     if dynamic:
         params = _empty_params(cols // scheme.group_size, rows, device)
     shifted_codes_t, loss = _quantize_columns(
-        weight_t, hinv_upper, params, group_index, scheme, config.block_size, dynamic, clip
+        weight_t, prepared.hinv_upper, params, group_index, scheme, config.block_size, dynamic, clip
     )
 
     return _record(shifted_codes_t, params, group_index, perm, scheme, dynamic), float(
         loss
     ) / 2
+
+
+def _prepare_alone(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    scheme: QuantScheme,
+    config: GPTQConfig,
+    clip: _ClipSearch | None,
+    module_name: str,
+    overwrite_hessian: bool,
+) -> tuple[PreparedHessian, _GroupParams | None]:
+    """The Hessian prepared for the one weight ``w`` (dead inputs zeroed in place), and that
+    weight's fixed group parameters (None for dynamic groups).
+
+    The fixed parameters are chosen before the factorization, so that their clip search's
+    blocks (a whole (in, in) matrix per channel) are gone before it needs its working memory.
+    """
+    h = _working_copy(hessian, w.device, overwrite_hessian)
+    dead = _fill_dead(h)
+    w.masked_fill_(dead, 0.0)
+    params = None if _dynamic(scheme, config) else _fixed_params(w, scheme, clip, h)
+    return _factor(h, dead, None, scheme, config, module_name), params
+
+
+def _working_copy(hessian: torch.Tensor, device: torch.device, overwrite: bool) -> torch.Tensor:
+    """``hessian`` as float32 on ``device``: itself where it may be overwritten and already is."""
+    if overwrite and hessian.dtype == torch.float32 and hessian.device == device:
+        return hessian
+    return hessian.detach().to(device=device, dtype=torch.float32, copy=True)
+
+
+def _fill_dead(h: torch.Tensor) -> torch.Tensor:
+    """Inputs never seen (H_ii == 0), given H_ii = 1 in place, as the reference code does."""
+    dead = h.diagonal() == 0
+    h.diagonal().masked_fill_(dead, 1.0)
+    return dead
+
+
+def _factor(
+    h: torch.Tensor,
+    dead: torch.Tensor,
+    clip_blocks: torch.Tensor | None,
+    scheme: QuantScheme,
+    config: GPTQConfig,
+    module_name: str,
+) -> PreparedHessian:
+    """Act-order, damping and the upper Cholesky factor of H⁻¹ from the working Hessian ``h``
+    (dead inputs filled), which is used up. With dynamic groups the clip search's blocks are
+    taken here, in processing order and undamped; fixed groups' come in as ``clip_blocks``."""
+    perm = _processing_order(h, config.act_order)
+    if perm is not None:
+        permuted = h.index_select(0, perm).index_select(1, perm)
+        _release(h)
+        h = permuted
+    if config.clip_search and _dynamic(scheme, config):
+        clip_blocks = diagonal_blocks(h, scheme.group_size)
+    h.diagonal().add_(config.damp_percent * h.diagonal().mean())
+    hinv_upper = _inverse_cholesky_upper(h, config.damp_percent, module_name)
+    return PreparedHessian(hinv_upper, dead, perm, clip_blocks, scheme.group_size, config)
+
+
+def _dynamic(scheme: QuantScheme, config: GPTQConfig) -> bool:
+    """Whether group parameters are chosen as the columns go (else up front, "fixed")."""
+    return scheme.group_size != -1 and not config.static_groups
+
+
+def _check_prepared(
+    prepared: PreparedHessian,
+    scheme: QuantScheme,
+    config: GPTQConfig,
+    device: torch.device,
+    module_name: str,
+) -> None:
+    if prepared.group_size != scheme.group_size or prepared.config != config:
+        raise QuantkitError(
+            f"the Hessian of layer '{module_name}' was prepared for group size "
+            f"{prepared.group_size} and {prepared.config}, but is used with group size "
+            f"{scheme.group_size} and {config}; prepare it with the settings it is used with"
+        )
+    if prepared.hinv_upper.device != device:
+        raise QuantkitError(
+            f"the Hessian of layer '{module_name}' was prepared on {prepared.hinv_upper.device}, "
+            f"but the weight is on {device}; prepare it on the weight's device"
+        )
 
 
 def _record(
@@ -326,9 +449,18 @@ def _block_bounds(
 def _fixed_params(
     w: torch.Tensor, scheme: QuantScheme, clip: _ClipSearch | None, h: torch.Tensor
 ) -> _GroupParams:
-    """Per-channel or static-group parameters from the whole (dead-zeroed) weight, up front."""
+    """Per-channel or static-group parameters from the whole (dead-zeroed) weight, up front,
+    the clip search's blocks taken from the undamped ``h`` in original column order."""
+    blocks = None if clip is None else diagonal_blocks(h, scheme.group_size)
+    return _fixed_params_from_blocks(w, scheme, clip, blocks)
+
+
+def _fixed_params_from_blocks(
+    w: torch.Tensor, scheme: QuantScheme, clip: _ClipSearch | None, blocks: torch.Tensor | None
+) -> _GroupParams:
+    """``_fixed_params`` given the clip search's blocks (a prepared Hessian's)."""
     if clip is not None:
-        scales, zeros = clip.qparams(w, diagonal_blocks(h, scheme.group_size), scheme)
+        scales, zeros = clip.qparams(w, blocks, scheme)
     else:
         scales, zeros = compute_qparams(
             w, scheme.bits, scheme.group_size, scheme.symmetric, min_zero=1, fp16_scales=True
@@ -442,6 +574,15 @@ def _inverse_cholesky_upper(
     return upper
 
 
+def _check_square(hessian: torch.Tensor, module_name: str) -> int:
+    if hessian.dim() != 2 or hessian.shape[0] != hessian.shape[1]:
+        raise QuantkitError(
+            f"the Hessian of layer '{module_name}' must be a square (in, in) matrix, "
+            f"got shape {tuple(hessian.shape)}"
+        )
+    return hessian.shape[0]
+
+
 def _check_shapes(
     weight: torch.Tensor, hessian: torch.Tensor, module_name: str
 ) -> tuple[int, int]:
@@ -459,4 +600,4 @@ def _check_shapes(
     return rows, cols
 
 
-__all__ = ["GPTQConfig", "gptq_quantize"]
+__all__ = ["GPTQConfig", "PreparedHessian", "gptq_quantize", "prepare_hessian"]
