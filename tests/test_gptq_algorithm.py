@@ -466,3 +466,20 @@ def test_cuda_graph_replay_equals_eager_cuda(scheme, config, monkeypatch):
     assert torch.equal(graphed.zeros, eager.zeros)
     assert torch.equal(graphed.g_idx, eager.g_idx)
     assert graphed_loss == eager_loss
+
+
+@pytest.mark.parametrize("size", [1, 7, 64, 200])
+def test_inverse_cholesky_by_reversal_equals_the_reference_form(size):
+    # the accelerator path: U = J L⁻¹ J for J H J = L Lᵀ must be the upper Cholesky factor of H⁻¹
+    from quantkit.quant.gptq import _inverse_cholesky_upper_by_reversal
+
+    gen = torch.Generator().manual_seed(size)
+    x = torch.randn(3 * size, size, generator=gen, dtype=torch.float64)
+    h = x.T @ x / x.shape[0] + 0.01 * torch.eye(size, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    upper, info = _inverse_cholesky_upper_by_reversal(h.clone())
+    assert int(info) == 0
+    assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
+    torch.testing.assert_close(upper, reference, rtol=1e-9, atol=1e-9)
+    _, info = _inverse_cholesky_upper_by_reversal(-torch.eye(size, dtype=torch.float64))
+    assert int(info) != 0  # not positive definite: reported, so GPTQ asks for more damping

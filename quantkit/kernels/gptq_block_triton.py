@@ -27,6 +27,7 @@ import triton.language as tl
 from quantkit.kernels.backend import next_power_of_2
 
 TILE_ELEMENTS_PER_THREAD = 32  # the weight tile's floats per thread (registers), as rows per program allow
+MANY_ROWS = 4096  # from here, more rows per program (``block_config``)
 
 
 @triton.jit
@@ -89,18 +90,20 @@ def _gptq_block_kernel(
         s, low, high, diagonal, h = s_next, low_next, high_next, diagonal_next, h_next
 
 
-def block_config(size: int) -> tuple[int, int]:
-    """(BLOCK_R, num_warps) for a block of ``size`` columns: one warp holding 32 of the tile's
-    floats per thread (8 rows of a 128-column block), so that reading a column out of the tile
-    reduces within a warp, without a barrier, and short row counts still make many programs.
-
-    Chosen from compiled code (sm_90: 126 registers, no spills, about a quarter fewer
-    instructions per row and column than 32 rows on 4 warps), not yet from timings: see
-    ``scripts/gpu/bench_gptq_block.py --sweep``.
+def block_config(size: int, rows: int = 0) -> tuple[int, int]:
+    """(BLOCK_R, num_warps) for a block of ``size`` columns over ``rows`` rows: one warp, so that
+    reading a column out of the tile reduces within a warp, without a barrier. Below
+    ``MANY_ROWS`` rows it holds 32 of the tile's floats per thread (8 rows of a 128-column block),
+    so short weights still make many programs; from there four times as many rows per warp, fewer
+    programs re-reading ``hinv`` (H100, 128 columns, ``scripts/gpu/bench_gptq_block.py --sweep``:
+    1,024 rows 81.5 us at 8 rows against 94.2 at 32; 8,192 rows 96.7 against 121.7; 28,672 rows
+    151 against 312; 64 rows per warp spills and is several times slower).
     """
     padded = next_power_of_2(size)
     block_r = max(1, min(64, 32 * TILE_ELEMENTS_PER_THREAD // padded))  # 64: a row's values, 2 per thread
-    return block_r, max(1, min(8, padded * block_r // (32 * TILE_ELEMENTS_PER_THREAD)))
+    if rows >= MANY_ROWS:
+        block_r = min(32, 4 * block_r)
+    return block_r, 1
 
 
 def gptq_block_triton(
@@ -128,7 +131,7 @@ def gptq_block_triton(
     _check_operands(weight, hinv, scales, low, high, group_index, codes, errors)
     if size == 0 or rows == 0:
         return
-    default_r, default_warps = block_config(size)
+    default_r, default_warps = block_config(size, rows)
     block_r = block_r or default_r
     _gptq_block_kernel[(triton.cdiv(rows, block_r),)](
         weight, hinv, scales, low, high, group_index, codes, errors,

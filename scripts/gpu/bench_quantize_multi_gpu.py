@@ -107,7 +107,7 @@ class _Tally(dict):
 
     def __setitem__(self, name, qweight):
         self.count += 1
-        if self.check:
+        if self.check and qweight is not None:  # None: a rank that keeps names only
             digest = hashlib.sha1()
             for tensor in (qweight.codes, qweight.scales, qweight.zeros, qweight.g_idx):
                 digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes())
@@ -145,7 +145,8 @@ def worker(args) -> None:
         sync()
         start = time.perf_counter()
         result = quantize_model(model, get_adapter(model), recipe, device=device, samples=ranks.shard(samples),
-                                batch_size=args.batch_size, data_parallel=ranks.group)
+                                batch_size=args.batch_size, data_parallel=ranks.group,
+                                keep_quantized=ranks.is_main)  # as ``quantkit quantize``: rank 0 keeps them
         sync()
         seconds = time.perf_counter() - start
     layer_s = [r.seconds - _Builds.seconds.get(r.index, 0.0) for r in result.layers]
