@@ -95,6 +95,10 @@ for phase in "$@"; do
       timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_kernels_gptq_block.py tests/test_gptq_algorithm.py tests/test_awq_algorithm.py \
         tests/test_gptq_row_split.py > "$OUT/gpu_tests_gptq.txt" 2>&1
       timeout 200 python scripts/gpu/bench_gptq_block.py ${GPTQ_BLOCK_SWEEP---sweep} --json "$OUT/gptq_block.json" > "$OUT/gptq_block.txt" 2>&1 ;;
+    gpu-all)
+      # every test marked gpu, then the kernel folder whole (its Triton tests run on CUDA when it is there)
+      timeout 330 python -m pytest -q -p no:cacheprovider --durations=8 -m gpu tests > "$OUT/gpu_tests_all.txt" 2>&1
+      timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels >> "$OUT/gpu_tests_all.txt" 2>&1 ;;
     profile-gptq)
       # issue 8: where GPTQ's time goes on a 70B-shaped layer, and how the column solve scales with the rows kept
       timeout 240 python scripts/gpu/profile_gptq_layer.py --json "$OUT/profile_gptq.json" > "$OUT/profile_gptq.txt" 2>&1 ;;
