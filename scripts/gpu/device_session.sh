@@ -96,9 +96,13 @@ for phase in "$@"; do
         tests/test_gptq_row_split.py > "$OUT/gpu_tests_gptq.txt" 2>&1
       timeout 200 python scripts/gpu/bench_gptq_block.py ${GPTQ_BLOCK_SWEEP---sweep} --json "$OUT/gptq_block.json" > "$OUT/gptq_block.txt" 2>&1 ;;
     gpu-all)
-      # every test marked gpu, then the kernel folder whole (its Triton tests run on CUDA when it is there)
-      timeout 330 python -m pytest -q -p no:cacheprovider --durations=8 -m gpu tests > "$OUT/gpu_tests_all.txt" 2>&1
-      timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels >> "$OUT/gpu_tests_all.txt" 2>&1 ;;
+      # every test marked gpu (server packages from the carried .device_wheels), then the kernel folder
+      # whole (its Triton tests run on CUDA when it is there)
+      [ -d .device_wheels ] && python -m pip install -q --no-index --find-links .device_wheels fastapi uvicorn httptools \
+        uvloop prometheus-client httpx > "$OUT/serve_pip.txt" 2>&1
+      timeout 280 python -m pytest -q -p no:cacheprovider --durations=8 -m gpu tests --ignore=tests/kernels \
+        > "$OUT/gpu_tests_all.txt" 2>&1
+      timeout 290 python -m pytest -q -p no:cacheprovider tests/kernels > "$OUT/gpu_tests_kernels.txt" 2>&1 ;;
     profile-gptq)
       # issue 8: where GPTQ's time goes on a 70B-shaped layer, and how the column solve scales with the rows kept
       timeout 240 python scripts/gpu/profile_gptq_layer.py --json "$OUT/profile_gptq.json" > "$OUT/profile_gptq.txt" 2>&1 ;;
