@@ -1,6 +1,7 @@
 """``quantized_linear`` on the GPU: pick a kernel by the number of rows of x.
 
-* M <= GEMV_MAX_M (decode): the GEMV kernel, split over K until the GPU is full;
+* M <= GEMV_MAX_M (decode): the GEMV kernel, split over K until the GPU is full; one row of x
+  against a large 4-bit weight takes its variant with packed unpacking (``w4a16_gemv_packed_triton``);
 * M <= DENSE_MIN_M: the tensor-core GEMM kernel with a tile sized for M (split over K when the
   tiles alone do not fill the GPU);
 * larger M: dequantize the weight to x's dtype and use ``torch.matmul``. The GEMM is
@@ -15,6 +16,7 @@ measures them (``--sweep``) and tells where to move them.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,11 @@ from quantkit.kernels.w4a16_gemv_triton import w4a16_gemv_kernel
 
 GEMV_MAX_M = 2
 DENSE_MIN_M = 256
+# One row of x and a weight of at least this many values takes the GEMV with packed unpacking
+# (``w4a16_gemv_packed_triton``), H100, M = 1 (``scripts/results/w4a16_gemv_packed_h100.txt``):
+# gate/up 4096x28672 34.2 against 45.9 us, down 14336x4096 20.7 against 26.3 us, with 256-wide
+# tiles; qkv (25M values) and o (17M) gained nothing, so they keep the GEMV below.
+PACKED_GEMV_MIN_WEIGHTS = 1 << 25
 # A memory-bound kernel needs several resident programs per multiprocessor to keep enough loads in
 # flight; split-K supplies them when the output tiles alone are too few.
 PROGRAMS_PER_SM = 4
@@ -88,6 +95,13 @@ def quantized_linear_triton(
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if config is None and _packed_gemv_pays(x2, packed):
+        from quantkit.kernels.w4a16_gemv_packed_triton import (
+            quantized_linear_gemv_packed,
+        )
+
+        y = quantized_linear_gemv_packed(x2, packed, bias, block_n=256, block_k=128, num_warps=4, num_stages=2)
+        return y.reshape(*lead, packed.out_features)
     config = config or choose_config(m, x2.dtype, packed.out_features)
     if m == 0:
         y = x2.new_empty(0, packed.out_features)
@@ -96,6 +110,16 @@ def quantized_linear_triton(
     else:
         y = _fused(x2, packed, bias, config)
     return y.reshape(*lead, packed.out_features)
+
+
+def _packed_gemv_pays(x: torch.Tensor, packed: PackedWeight) -> bool:
+    """One row, a large 4-bit weight, 16-bit x, a CUDA device: the packed GEMV (its inline PTX
+    does not run under the Triton interpreter)."""
+    from quantkit.kernels.w4a16_gemv_packed_triton import supports
+
+    return (x.shape[0] == 1 and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+            and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and packed.in_features * packed.out_features >= PACKED_GEMV_MIN_WEIGHTS and supports(packed, 128))
 
 
 def _fused(

@@ -80,3 +80,23 @@ def test_packed_gemv_handles_leading_dims_and_rejects_unsupported():
         quantized_linear_gemv_packed(x, packed, block_k=256)
     with pytest.raises(ValueError, match="4-bit"):
         quantized_linear_gemv_packed(x, quantized_case(96, 512, 128, 8, device="cuda").pack())
+
+
+@needs_cuda
+@pytest.mark.parametrize("act_order", [False, True])
+def test_default_dispatch_takes_the_packed_gemv_for_one_row_and_a_large_weight(act_order, monkeypatch):
+    from quantkit.kernels import w4a16_gemv_packed_triton as packed_module
+    from quantkit.kernels.w4a16_triton import PACKED_GEMV_MIN_WEIGHTS, quantized_linear_triton
+
+    calls = []
+    real = packed_module.quantized_linear_gemv_packed
+    monkeypatch.setattr(packed_module, "quantized_linear_gemv_packed", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    k = 4096
+    n = PACKED_GEMV_MIN_WEIGHTS // k  # exactly the threshold
+    case = quantized_case(n, k, 128, 4, act_order=act_order, scale_dtype=torch.bfloat16, device="cuda")
+    packed = case.pack()
+    gen = torch.Generator().manual_seed(7)
+    for m, expected_calls in ((1, 1), (2, 1)):  # two rows keep the GEMV it had
+        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
+        assert_close_scaled(quantized_linear_triton(x, packed), quantized_linear_reference(x, packed), torch.bfloat16)
+        assert len(calls) == expected_calls
