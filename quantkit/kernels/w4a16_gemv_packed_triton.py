@@ -1,4 +1,4 @@
-"""Experimental batch-1 W4A16 GEMV with packed (two codes per instruction) unpacking. Bench-only.
+"""Batch-1 W4A16 GEMV with packed (two codes per instruction) unpacking, for large 4-bit weights.
 
 Same layout, grid and split-K scheme as ``w4a16_gemv_triton.w4a16_gemv_kernel`` restricted to
 4-bit codes and K tiles inside one group (``GROUP_SIZE % BLOCK_K == 0``). The plain kernel spends
@@ -19,8 +19,10 @@ exact in float32; the float32 sums of BLOCK_K terms of size ~1024 |x| carry a ro
 around 1024 * 2**-24 |x| per term (about 6e-5 |x|), orders of magnitude below the bf16/fp16 output
 rounding of the result (tested in tests/kernels/test_kernels_w4a16_gemv_packed.py).
 
-The PTX cannot run under TRITON_INTERPRET; the wrapper ``quantized_linear_gemv_packed`` is for
-CUDA only and is not wired into ``quantized_linear`` (see scripts/gpu/bench_w4a16_gemv_packed.py).
+The PTX cannot run under TRITON_INTERPRET, so it runs on CUDA only: ``quantized_linear`` takes it
+for one row of x against a weight of ``PACKED_GEMV_MIN_WEIGHTS`` or more values
+(``kernels/w4a16_triton.py``, measured in scripts/gpu/bench_w4a16_gemv_packed.py);
+``quantized_linear_gemv_packed`` runs it with explicit tiles.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from quantkit.kernels.packed_weight import PackedWeight, check_linear_input
-from quantkit.kernels.w4a16_triton import GemmConfig, _split_k
+from quantkit.kernels.packed_weight import PackedWeight
+from quantkit.kernels.w4a16_triton import GemmConfig, quantized_linear_triton
 
 # outputs $0..$7 = 1024 + code 0..7 of the word as float32 bits; input $8 = the word
 _UNPACK_ASM = tl.constexpr(
@@ -184,65 +186,13 @@ def quantized_linear_gemv_packed(
     num_warps: int = 4,
     num_stages: int = 2,
 ) -> torch.Tensor:
-    """``x @ W.T (+ bias)`` for a few rows of x (float16/bfloat16) on CUDA, 4-bit weights only."""
-    check_linear_input(x, packed)
+    """``x @ W.T (+ bias)`` for a few rows of x (float16/bfloat16) on CUDA, 4-bit weights only,
+    with explicit tiles (``quantized_linear`` picks this kernel itself where it pays)."""
     if not supports(packed, block_k):
         raise ValueError(
             f"the packed GEMV needs 4-bit codes and group_size % block_k == 0, got bits="
             f"{packed.bits} group_size={packed.group_size} block_k={block_k}"
         )
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, packed.in_features)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m, k = x2.shape
-    n = packed.out_features
-    if m == 0:
-        return x2.new_empty(*lead, n)
-    config = GemmConfig(
-        "gemv",
-        block_m=1,
-        block_n=block_n,
-        block_k=block_k,
-        split_k=split_k,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    split, k_per_split = _split_k(m * triton.cdiv(n, block_n), k, config, x2.device)
-    if split == 1:
-        out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    else:
-        out = torch.zeros(m, n, dtype=torch.float32, device=x2.device)
-    # the kernel never reads the perm or bias pointer it is told it lacks: any tensor fills the slot
-    perm = packed.perm if packed.perm is not None else packed.qweight
-    bias_arg = bias if bias is not None else packed.scales
-    grid = (m, triton.cdiv(n, block_n), split)
-    w4a16_gemv_packed_kernel[grid](
-        x2,
-        packed.qweight,
-        packed.scales,
-        packed.zeros,
-        perm,
-        bias_arg,
-        out,
-        n,
-        k,
-        x2.stride(0),
-        out.stride(0),
-        k_per_split,
-        BITS=packed.bits,
-        PACK=packed.pack,
-        GROUP_SIZE=packed.group_size,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        SPLIT_K=split,
-        HAS_PERM=packed.perm is not None,
-        HAS_BIAS=bias is not None,
-        num_warps=num_warps,
-        num_stages=num_stages,
-    )
-    if split != 1:
-        if bias is not None:
-            out += bias.float()
-        out = out.to(x2.dtype)
-    return out.reshape(*lead, n)
+    config = GemmConfig("gemv-packed", block_m=1, block_n=block_n, block_k=block_k, split_k=split_k,
+                        num_warps=num_warps, num_stages=num_stages)
+    return quantized_linear_triton(x, packed, bias, config=config)

@@ -42,7 +42,8 @@ PROGRAMS_PER_SM = 4
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """One launch choice: ``kernel`` is ``gemv``, ``gemm`` or ``dense``; split_k None = automatic."""
+    """One launch choice: ``kernel`` is ``gemv``, ``gemv-packed`` (4-bit, CUDA only), ``gemm`` or
+    ``dense``; split_k None = automatic."""
 
     kernel: str
     block_m: int = 16
@@ -52,6 +53,9 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 2
     fast_codes: bool = True  # codes to floats by bit operations (see the kernels' docstrings)
+
+
+PACKED_GEMV_CONFIG = GemmConfig("gemv-packed", block_m=1, block_n=256, block_k=128)
 
 
 def choose_config(m: int, dtype: torch.dtype = torch.bfloat16, out_features: int = 0) -> GemmConfig:
@@ -96,12 +100,7 @@ def quantized_linear_triton(
         x2 = x2.contiguous()
     m = x2.shape[0]
     if config is None and _packed_gemv_pays(x2, packed):
-        from quantkit.kernels.w4a16_gemv_packed_triton import (
-            quantized_linear_gemv_packed,
-        )
-
-        y = quantized_linear_gemv_packed(x2, packed, bias, block_n=256, block_k=128, num_warps=4, num_stages=2)
-        return y.reshape(*lead, packed.out_features)
+        config = PACKED_GEMV_CONFIG
     config = config or choose_config(m, x2.dtype, packed.out_features)
     if m == 0:
         y = x2.new_empty(0, packed.out_features)
@@ -127,7 +126,7 @@ def _fused(
 ) -> torch.Tensor:
     m, k = x.shape
     n = packed.out_features
-    rows = m if config.kernel == "gemv" else triton.cdiv(m, config.block_m)
+    rows = m if config.kernel.startswith("gemv") else triton.cdiv(m, config.block_m)
     tiles = rows * triton.cdiv(n, config.block_n)
     split_k, k_per_split = _split_k(tiles, k, config, x.device)
     if split_k == 1:
@@ -162,6 +161,10 @@ def _fused(
             FAST_CODES=config.fast_codes and packed.bits <= 16,
             **common,
         )
+    elif config.kernel == "gemv-packed":
+        from quantkit.kernels.w4a16_gemv_packed_triton import w4a16_gemv_packed_kernel
+
+        w4a16_gemv_packed_kernel[grid](*args, n, k, x.stride(0), out.stride(0), k_per_split, **common)
     elif config.kernel == "gemm":
         w4a16_gemm_kernel[grid](
             *args,
@@ -177,7 +180,7 @@ def _fused(
             **common,
         )
     else:
-        raise ValueError(f"unknown kernel {config.kernel!r} (gemv, gemm or dense)")
+        raise ValueError(f"unknown kernel {config.kernel!r} (gemv, gemv-packed, gemm or dense)")
     if split_k == 1:
         return out
     if bias is not None:

@@ -85,18 +85,18 @@ def test_packed_gemv_handles_leading_dims_and_rejects_unsupported():
 @needs_cuda
 @pytest.mark.parametrize("act_order", [False, True])
 def test_default_dispatch_takes_the_packed_gemv_for_one_row_and_a_large_weight(act_order, monkeypatch):
-    from quantkit.kernels import w4a16_gemv_packed_triton as packed_module
-    from quantkit.kernels.w4a16_triton import PACKED_GEMV_MIN_WEIGHTS, quantized_linear_triton
+    from quantkit.kernels import w4a16_triton
 
-    calls = []
-    real = packed_module.quantized_linear_gemv_packed
-    monkeypatch.setattr(packed_module, "quantized_linear_gemv_packed", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    kernels = []
+    real = w4a16_triton._fused
+    monkeypatch.setattr(w4a16_triton, "_fused", lambda x, p, b, config: kernels.append(config.kernel) or real(x, p, b, config))
     k = 4096
-    n = PACKED_GEMV_MIN_WEIGHTS // k  # exactly the threshold
-    case = quantized_case(n, k, 128, 4, act_order=act_order, scale_dtype=torch.bfloat16, device="cuda")
-    packed = case.pack()
-    gen = torch.Generator().manual_seed(7)
-    for m, expected_calls in ((1, 1), (2, 1)):  # two rows keep the GEMV it had
-        x = torch.randn(m, k, generator=gen).to(torch.bfloat16).cuda()
-        assert_close_scaled(quantized_linear_triton(x, packed), quantized_linear_reference(x, packed), torch.bfloat16)
-        assert len(calls) == expected_calls
+    for n, rows, expected in ((w4a16_triton.PACKED_GEMV_MIN_WEIGHTS // k, 1, "gemv-packed"),  # exactly the threshold
+                              (w4a16_triton.PACKED_GEMV_MIN_WEIGHTS // k, 2, "gemv"),  # two rows keep the GEMV
+                              (w4a16_triton.PACKED_GEMV_MIN_WEIGHTS // k - 128, 1, "gemv")):  # below the threshold
+        case = quantized_case(n, k, 128, 4, act_order=act_order, scale_dtype=torch.bfloat16, device="cuda")
+        packed = case.pack()
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(n + rows)).to(torch.bfloat16).cuda()
+        got = w4a16_triton.quantized_linear_triton(x, packed)
+        assert_close_scaled(got, quantized_linear_reference(x, packed), torch.bfloat16)
+        assert kernels[-1] == expected
