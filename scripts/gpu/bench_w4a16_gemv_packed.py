@@ -22,19 +22,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import linear_weights
+from bench_kernels import LLAMA3_8B_FUSED_LINEARS, linear_weights
 from device_timing import graph_time_us
 
 from quantkit.kernels import quantized_linear_reference
 from quantkit.kernels.w4a16_gemv_packed_triton import quantized_linear_gemv_packed
 from quantkit.kernels.w4a16_triton import quantized_linear_triton
 
-SHAPES = {
-    "qkv": (4096, 6144),
-    "o": (4096, 4096),
-    "gate_up": (4096, 28672),
-    "down": (14336, 4096),
-}
+SHAPES = {name.removesuffix("_proj"): shape for name, shape in LLAMA3_8B_FUSED_LINEARS.items()}  # (K, N)
 
 
 def configs(quick: bool) -> list[dict]:

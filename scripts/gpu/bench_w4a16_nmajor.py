@@ -19,18 +19,13 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernels import linear_weights
+from bench_kernels import LLAMA3_8B_FUSED_LINEARS, linear_weights
 from device_timing import copy_bandwidth_gbs, graph_time_us
 
 from quantkit.kernels.dispatch import quantized_linear
 from quantkit.kernels.w4a16_nmajor_triton import linear_nmajor
 
-SHAPES = {
-    "qkv": (4096, 6144),
-    "o": (4096, 4096),
-    "gate_up": (4096, 28672),
-    "down": (14336, 4096),
-}
+SHAPES = {name.removesuffix("_proj"): shape for name, shape in LLAMA3_8B_FUSED_LINEARS.items()}  # (K, N)
 ROWS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 SMS = 132
 
